@@ -1,0 +1,72 @@
+"""The torch backend: every op built on ``rng.generate``, on any device torch runs on.
+
+It is the executable specification the fast backends are tested against, and the
+fallback where neither Triton nor the C++ extension is available. Bases are generated
+on the CPU in chunks of at most CHUNK elements x K_CHUNK rows, never the whole of V.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+from .layout import BlockLayout, Segment
+
+# Elements per generated chunk: a multiple of 128 so chunks never split a Philox call,
+# small enough that K_CHUNK rows of int64 Philox state stay in cache-sized pieces.
+CHUNK = 1 << 14
+K_CHUNK = 64
+
+
+def basis_rows(seed: int, K: int, d: int, block: int, offset: int, k_begin: int, distribution: str,
+               device) -> torch.Tensor:
+    out = torch.empty((K, d), dtype=torch.float32)
+    for k0 in range(0, K, K_CHUNK):
+        kc = min(K_CHUNK, K - k0)
+        for i in range(0, d, CHUNK):
+            n = min(CHUNK, d - i)
+            out[k0:k0 + kc, i:i + n] = rng.generate(seed, block, k_begin + k0, kc, offset + i, n, distribution)
+    return out.to(device)
+
+
+def project_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout, seed: int,
+                     distribution: str) -> torch.Tensor:
+    gamma = torch.zeros(layout.total_count, dtype=torch.float32)
+    for s in segments:
+        count = layout.counts[s.block]
+        if count == 0:
+            continue
+        x = views[s.tensor_index][s.start:s.start + s.n].to(device="cpu", dtype=torch.float32)
+        coef = layout.coef_offsets[s.block]
+        for k0 in range(0, count, K_CHUNK):
+            kc = min(K_CHUNK, count - k0)
+            for i in range(0, s.n, CHUNK):
+                n = min(CHUNK, s.n - i)
+                v = rng.generate(seed, layout.block_ids[s.block], k0, kc, s.j0 + i, n, distribution)
+                gamma[coef + k0:coef + k0 + kc] += v @ x[i:i + n]
+    return gamma.to(views[0].device)
+
+
+def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout,
+                         gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
+                         k_begin: list[int] | None = None) -> None:
+    gamma = gamma.detach().to("cpu", torch.float32)
+    alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    for s in segments:
+        count = layout.counts[s.block]
+        if count == 0:
+            continue
+        first = 0 if k_begin is None else k_begin[s.block]
+        coef = layout.coef_offsets[s.block]
+        target = views[s.tensor_index][s.start:s.start + s.n]
+        for i in range(0, s.n, CHUNK):
+            n = min(CHUNK, s.n - i)
+            acc = torch.zeros(n, dtype=torch.float32)
+            for k0 in range(0, count, K_CHUNK):
+                kc = min(K_CHUNK, count - k0)
+                v = rng.generate(seed, layout.block_ids[s.block], first + k0, kc, s.j0 + i, n, distribution)
+                for r in range(kc):
+                    acc = acc + gamma[coef + k0 + r] * v[r]
+            piece = target[i:i + n]
+            updated = piece.to("cpu", torch.float32) + alpha32 * acc
+            piece.copy_(updated.to(piece.dtype))
