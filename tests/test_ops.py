@@ -1,0 +1,259 @@
+"""The public ops on every available backend against a float64 dense reference built
+from the contract's basis, plus bitwise agreement of reconstruct across backends."""
+
+import math
+
+import pytest
+import torch
+
+import ferret_kernels as fk
+from ferret_kernels import rng
+
+DISTS = list(rng.DISTRIBUTIONS)
+SIZES = [1, 3, 4, 131, 4097]
+# (dtype, atol, rtol) of an update written into `dtype` against the float64 reference.
+OUT_TOLERANCES = [
+    (torch.float32, 1e-5, 1e-5),
+    (torch.bfloat16, 2e-2, 1e-2),
+    (torch.float16, 2e-3, 2e-3),
+]
+
+
+def dense_basis(seed, K, d, *, block=0, offset=0, k_begin=0, dist="gaussian") -> torch.Tensor:
+    """float64 (K, d) from the pointwise contract, independent of every op under test."""
+    k = torch.arange(k_begin, k_begin + K)[:, None]
+    j = torch.arange(offset, offset + d)[None, :]
+    return rng.elements(seed, block, k, j, dist).double()
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("offset", [0, 5, 2**32 - 7, 2**40 + 3])
+def test_basis_bitwise(backend_device, dist, offset):
+    backend, device = backend_device
+    got = fk.basis(11, 3, 261, block=4, offset=offset, k_begin=2, distribution=dist, device=device, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (3, 261)
+    ref = dense_basis(11, 3, 261, block=4, offset=offset, k_begin=2, dist=dist).float()
+    assert torch.equal(got.cpu(), ref)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("d", SIZES)
+@pytest.mark.parametrize("K", [1, 9])
+def test_project_matches_float64(backend_device, dist, d, K):
+    backend, device = backend_device
+    x = torch.randn(d, dtype=torch.float64)
+    ref = dense_basis(5, K, d, dist=dist) @ x
+    got = fk.project(x.float().to(device), 5, K, distribution=dist, backend=backend)
+    assert got.dtype == torch.float32 and got.shape == (K,)
+    assert rel_err(got, dense_basis(5, K, d, dist=dist) @ x.float().double()) <= 1e-5
+    assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_project_low_precision_inputs(backend_device, dtype):
+    backend, device = backend_device
+    x = torch.randn(4097).to(dtype)
+    ref = dense_basis(8, 6, 4097) @ x.double()
+    got = fk.project(x.to(device), 8, 6, backend=backend)
+    assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("d", [1, 3, 4097])
+@pytest.mark.parametrize("dtype,atol,rtol", OUT_TOLERANCES)
+def test_reconstruct_matches_float64(backend_device, dist, d, dtype, atol, rtol):
+    backend, device = backend_device
+    K = 7
+    out = torch.randn(d).to(dtype)
+    gamma = torch.randn(K)
+    ref = out.double() + 0.25 * (dense_basis(3, K, d, offset=9, dist=dist).T @ gamma.double())
+    got = out.to(device)
+    fk.reconstruct_(got, gamma.to(device), 3, alpha=0.25, offset=9, distribution=dist, backend=backend)
+    torch.testing.assert_close(got.cpu().double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_adjointness(backend_device, dist):
+    backend, device = backend_device
+    d, K = 1000, 5
+    x = torch.randn(d, device=device)
+    g = torch.randn(K, device=device)
+    vx = fk.project(x, 21, K, distribution=dist, backend=backend)
+    vtg = fk.reconstruct_(torch.zeros(d, device=device), g, 21, distribution=dist, backend=backend)
+    lhs = float(torch.dot(vx.double(), g.double()))
+    rhs = float(torch.dot(x.double(), vtg.double()))
+    assert lhs == pytest.approx(rhs, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_reconstruction_is_unbiased(dist):
+    """E[V^T V x] / K = x: the mean over many seeds converges at the Monte-Carlo rate."""
+    d, K, seeds = 64, 16, 400
+    x = torch.randn(d, dtype=torch.float64)
+    total = torch.zeros(d, dtype=torch.float64)
+    for seed in range(seeds):
+        g = fk.project(x.float(), seed, K, distribution=dist, backend="torch")
+        total += fk.reconstruct_(torch.zeros(d), g, seed, distribution=dist, backend="torch").double() / K
+    mean = total / seeds
+    # Var of one estimate per coordinate <= (|x|^2 + x_j^2 * c) / K; 6 sigma over d coords.
+    sigma = math.sqrt(2 * float(x.norm() ** 2) / (K * seeds))
+    assert float((mean - x).abs().max()) < 6 * sigma
+    assert float((mean - x).norm() / x.norm()) < 0.25
+
+
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reconstruct_and_perturb_bitwise_across_backends(fast_backend_device, dist, dtype):
+    backend, device = fast_backend_device
+    out = torch.randn(2053).to(dtype)
+    gamma = torch.randn(6)
+    want = out.clone()
+    fk.reconstruct_(want, gamma, 2**64 - 3, alpha=-0.7, offset=2**33 + 1, distribution=dist, backend="torch")
+    fk.perturb_(want, 2**64 - 3, 40, 1e-3, block=2, distribution=dist, backend="torch")
+    got = out.to(device)
+    fk.reconstruct_(got, gamma.to(device), 2**64 - 3, alpha=-0.7, offset=2**33 + 1, distribution=dist,
+                    backend=backend)
+    fk.perturb_(got, 2**64 - 3, 40, 1e-3, block=2, distribution=dist, backend=backend)
+    assert torch.equal(got.cpu(), want)
+
+
+def test_perturb_adds_one_basis_row(backend_device):
+    backend, device = backend_device
+    out = torch.randn(300)
+    got = out.clone().to(device)
+    fk.perturb_(got, 9, 13, -2.5, block=6, backend=backend)
+    ref = out.double() - 2.5 * dense_basis(9, 1, 300, block=6, k_begin=13)[0]
+    torch.testing.assert_close(got.cpu().double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_project_is_deterministic(backend_device):
+    backend, device = backend_device
+    x = torch.randn(5000, device=device)
+    a = fk.project(x, 1, 12, backend=backend)
+    b = fk.project(x, 1, 12, backend=backend)
+    assert torch.equal(a, b)
+
+
+def _ragged_case(dtypes):
+    sizes = [300, 1000, 7, 2000, 1]
+    counts = [3, 0, 5, 9, 2]
+    numels = [500, 1107, 1701]
+    xs = [torch.randn(n).to(dt) for n, dt in zip(numels, dtypes)]
+    return sizes, counts, xs
+
+
+def _dense_blocks(seed, sizes, counts, dist, block_ids=None):
+    mats = []
+    for pos, (s, c) in enumerate(zip(sizes, counts)):
+        blk = pos if block_ids is None else block_ids[pos]
+        mats.append(dense_basis(seed, c, s, block=blk, dist=dist) if c else torch.zeros(0, s, dtype=torch.float64))
+    return mats
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_project_blocks_over_tensor_list(backend_device, dist):
+    backend, device = backend_device
+    sizes, counts, xs = _ragged_case([torch.float32, torch.bfloat16, torch.float32])
+    block_ids = [10, 11, 12, 13, 2**32 - 1]
+    got = fk.project_blocks([x.to(device) for x in xs], sizes, counts, 99, block_ids=block_ids, distribution=dist,
+                            backend=backend)
+    flat = torch.cat([x.double() for x in xs])
+    parts, start = [], 0
+    for mat, s in zip(_dense_blocks(99, sizes, counts, dist, block_ids), sizes):
+        parts.append(mat @ flat[start:start + s])
+        start += s
+    assert got.shape == (sum(counts),)
+    assert rel_err(got, torch.cat(parts)) <= 1e-5
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_reconstruct_blocks_matches_float64_and_torch_bits(backend_device, dist):
+    backend, device = backend_device
+    sizes, counts, xs = _ragged_case([torch.float32, torch.float16, torch.float32])
+    gamma = torch.randn(sum(counts))
+    flat = torch.cat([x.double() for x in xs])
+    update, coef = [], 0
+    for mat, c in zip(_dense_blocks(4, sizes, counts, dist), counts):
+        update.append(mat.T @ gamma[coef:coef + c].double())
+        coef += c
+    ref = flat + 0.5 * torch.cat(update)
+    outs = [x.clone().to(device) for x in xs]
+    fk.reconstruct_blocks_(outs, sizes, counts, gamma.to(device), 4, alpha=0.5, distribution=dist, backend=backend)
+    torch.testing.assert_close(torch.cat([o.cpu().double() for o in outs]), ref, atol=2e-3, rtol=2e-3)
+    torch_outs = [x.clone() for x in xs]
+    fk.reconstruct_blocks_(torch_outs, sizes, counts, gamma, 4, alpha=0.5, distribution=dist, backend="torch")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(outs, torch_outs))
+
+
+def test_single_tensor_blocks_equal_per_block_calls(backend_device):
+    backend, device = backend_device
+    x = torch.randn(3000, device=device)
+    sizes, counts = [1000, 1500, 500], [4, 2, 3]
+    got = fk.project_blocks(x, sizes, counts, 5, backend=backend)
+    each = [fk.project(x[s:s + n], 5, c, block=b, backend=backend) for b, (s, n, c) in
+            enumerate(zip([0, 1000, 2500], sizes, counts))]
+    torch.testing.assert_close(got, torch.cat(each), atol=1e-5, rtol=1e-5)
+
+
+# Bad input: every error names the argument.
+
+def test_bad_K_and_lengths():
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="K"):
+        fk.project(x, 0, 0)
+    with pytest.raises(ValueError, match="K"):
+        fk.project(x, 0, -3)
+    with pytest.raises(ValueError, match="gamma"):
+        fk.reconstruct_blocks_(x, [5, 5], [2, 2], torch.zeros(3), 0)
+    with pytest.raises(ValueError, match="block_sizes"):
+        fk.project_blocks(x, [5, 6], [1, 1], 0)
+    with pytest.raises(ValueError, match="counts"):
+        fk.project_blocks(x, [5, 5], [1], 0)
+    with pytest.raises(ValueError, match="counts"):
+        fk.project_blocks(x, [5, 5], [1, -1], 0)
+
+
+def test_bad_dtype_device_alpha():
+    with pytest.raises(TypeError, match="dtype"):
+        fk.project(torch.arange(10), 0, 2)
+    with pytest.raises(TypeError, match="gamma"):
+        fk.reconstruct_(torch.zeros(10), torch.zeros(2, dtype=torch.float64), 0)
+    with pytest.raises(ValueError, match="alpha"):
+        fk.reconstruct_(torch.zeros(10), torch.zeros(2), 0, alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha"):
+        fk.perturb_(torch.zeros(10), 0, 0, float("inf"))
+    with pytest.raises(ValueError, match="contiguous"):
+        fk.reconstruct_(torch.zeros(10, 4).T, torch.zeros(2), 0)
+    with pytest.raises(ValueError, match="backend"):
+        fk.project(torch.zeros(10), 0, 2, backend="gpu")
+    with pytest.raises(ValueError, match="distribution"):
+        fk.project(torch.zeros(10), 0, 2, distribution="uniform")
+    if not torch.cuda.is_available():
+        meta = torch.zeros(10, device="meta")
+        with pytest.raises((ValueError, RuntimeError), match="backend|device|cuda|CUDA"):
+            fk.project(meta, 0, 2, backend="triton")
+
+
+def test_bad_offsets_and_ids():
+    with pytest.raises(ValueError, match="offset"):
+        fk.project(torch.zeros(10), 0, 2, offset=-1)
+    with pytest.raises(ValueError, match="offset"):
+        fk.project(torch.zeros(10), 0, 2, offset=2**62)
+    with pytest.raises(ValueError, match="block"):
+        fk.project(torch.zeros(10), 0, 2, block=2**32)
+    with pytest.raises(ValueError, match="block_ids"):
+        fk.project_blocks(torch.zeros(10), [10], [1], 0, block_ids=[-1])
+    with pytest.raises(ValueError, match="k"):
+        fk.perturb_(torch.zeros(10), 0, 2**32, 1.0)
+
+
+def test_failed_call_leaves_output_untouched():
+    out = torch.randn(10)
+    before = out.clone()
+    with pytest.raises(ValueError):
+        fk.reconstruct_(out, torch.randn(3), 0, alpha=float("nan"))
+    assert torch.equal(out, before)
