@@ -180,3 +180,24 @@ def reconstruct_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], counts
     impl = backends.module(backends.resolve(backend, views[0].device))
     impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution)
     return out
+
+
+def perturb_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], seed: int, k: int, alpha: float, *,
+                    block_ids: Sequence[int] | None = None, distribution: str = "gaussian",
+                    backend: str = "auto") -> TensorOrTensors:
+    """out_l += alpha * v_{block_ids[l], k} for every block l, in one launch.
+
+    The zeroth-order step of FedKSeed-style baselines: direction k of a whole model is
+    basis k of every block. Layout as in ``project_blocks``.
+    """
+    seed = rng.check_seed(seed)
+    views = flat_views(out, "out")
+    alpha = _check_alpha(alpha)
+    _check_int(k, "k", 0, 2**32)
+    _check_distribution(distribution)
+    layout = BlockLayout.build(block_sizes, [1] * len(block_sizes), block_ids)
+    gamma = torch.ones(layout.total_count, dtype=torch.float32, device=views[0].device)
+    segments = layout.segments([v.numel() for v in views])
+    impl = backends.module(backends.resolve(backend, views[0].device))
+    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution, [k] * len(layout.sizes))
+    return out

@@ -257,3 +257,15 @@ def test_failed_call_leaves_output_untouched():
     with pytest.raises(ValueError):
         fk.reconstruct_(out, torch.randn(3), 0, alpha=float("nan"))
     assert torch.equal(out, before)
+
+
+def test_perturb_blocks_adds_basis_k_of_every_block(backend_device):
+    backend, device = backend_device
+    xs = [torch.randn(70), torch.randn(200)]
+    sizes = [100, 170]
+    got = [x.clone().to(device) for x in xs]
+    fk.perturb_blocks_(got, sizes, 8, 3, 0.5, block_ids=[4, 9], backend=backend)
+    flat = torch.cat(xs).double()
+    ref = flat + 0.5 * torch.cat([dense_basis(8, 1, 100, block=4, k_begin=3)[0],
+                                  dense_basis(8, 1, 170, block=9, k_begin=3)[0]])
+    torch.testing.assert_close(torch.cat([g.cpu().double() for g in got]), ref, atol=1e-5, rtol=1e-5)
