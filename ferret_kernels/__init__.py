@@ -11,6 +11,11 @@ Philox, docs/rng.md) instead of storing it:
 - ``basis(seed, K, d)``                        V itself, for tests
 
 Each takes ``backend="auto" | "triton" | "cpu" | "torch"``.
+
+On top of them, the drop-in federated API (docs/api.md): ``FerretPlan`` (blocks,
+budget, fingerprint), ``ClientRound`` / ``ClientUpdate`` (compress a local update),
+``Aggregator`` / ``GlobalUpdate`` (merge, apply, replay), ``wire`` (safetensors bytes)
+and ``FerretCallback`` (Hugging Face Trainer).
 """
 
 from .functional import (
@@ -22,11 +27,28 @@ from .functional import (
     reconstruct_,
     reconstruct_blocks_,
 )
+from . import wire
+from .client import ClientRound, ClientUpdate
+from .plan import FerretPlan, round_seed
 from .rng import CONTRACT_VERSION, DISTRIBUTIONS, VARIANCE
+from .server import Aggregator, GlobalUpdate
+from .wire import decode_client_update, decode_global_update, encode_client_update, encode_global_update
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Aggregator",
+    "ClientRound",
+    "ClientUpdate",
+    "FerretCallback",
+    "FerretPlan",
+    "GlobalUpdate",
+    "decode_client_update",
+    "decode_global_update",
+    "encode_client_update",
+    "encode_global_update",
+    "round_seed",
+    "wire",
     "CONTRACT_VERSION",
     "DISTRIBUTIONS",
     "VARIANCE",
@@ -38,3 +60,13 @@ __all__ = [
     "reconstruct_",
     "reconstruct_blocks_",
 ]
+
+
+def __getattr__(name):
+    # FerretCallback subclasses transformers.TrainerCallback: import it only when asked,
+    # so ferret_kernels itself never needs transformers.
+    if name == "FerretCallback":
+        from .hooks import FerretCallback
+
+        return FerretCallback
+    raise AttributeError(f"module 'ferret_kernels' has no attribute {name!r}")
