@@ -36,25 +36,23 @@ def mean_loss(model, batches: Iterable[dict]) -> float:
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = MAX_NEW_TOKENS,
-                    batch_size: int = 8) -> list[str]:
-    """Greedy continuations of each prompt (batched, left-padded), special tokens removed."""
+def generate_greedy(model, tokenizer, examples: Sequence, max_new_tokens: int = MAX_NEW_TOKENS,
+                    batch_size: int = 8, max_length: int = 1024) -> list[str]:
+    """Greedy responses to each example's Alpaca prompt (batched, left-padded)."""
+    from .data import collate_prompts, tokenize_prompt
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     outputs: list[str] = []
     try:
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True)
-            enc = {k: v.to(device) for k, v in enc.items()}
+        for i in range(0, len(examples), batch_size):
+            prompts = [tokenize_prompt(ex, tokenizer, max_length) for ex in examples[i:i + batch_size]]
+            enc = {k: v.to(device) for k, v in collate_prompts(prompts, tokenizer.pad_token_id).items()}
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            new = out[:, enc["input_ids"].shape[1]:]
-            outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+            outputs.extend(tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
     finally:
-        tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
 

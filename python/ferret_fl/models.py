@@ -14,6 +14,22 @@ import os
 import torch
 
 EMBEDDED_DEFAULT = "smollm2-135m"
+
+# LLaMA shapes with random weights, for timing runs: the configs of the paper's models.
+LLAMA_SHAPES = {
+    # openlm-research/open_llama_3b
+    "llama-3b-shape": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=2048),
+    # datajuicer LLaMA-1.3B (LLaMA-1 architecture at 1.3B)
+    "llama-1.3b-shape": dict(hidden_size=2048, intermediate_size=5504, num_hidden_layers=24, num_attention_heads=16,
+                             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
+    # meta-llama/Llama-2-7b-hf
+    "llama-7b-shape": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                           num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
+    # small enough for tests on a CPU
+    "llama-tiny-shape": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=512),
+}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
@@ -40,11 +56,39 @@ def _dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu"):
-    """(model, tokenizer) for the embedded default, a hub id, a local dir or a GGUF path."""
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + bos/eos/pad) built offline, for the
+    random-weight LLaMA shapes, whose vocabularies are all larger than 259."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    for special in ("<s>", "</s>", "<pad>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu", seed: int = 0):
+    """(model, tokenizer) for the embedded default, a LLaMA shape with random weights
+    (``LLAMA_SHAPES``, initialised from ``seed``), a hub id, a local dir or a GGUF path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _dtype(dtype)
+    if name in LLAMA_SHAPES:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tokenizer = byte_tokenizer()
+        config = LlamaConfig(**LLAMA_SHAPES[name], bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            with torch.device(device):
+                model = LlamaForCausalLM(config).to(torch_dtype)
+        return model, tokenizer
     if name == EMBEDDED_DEFAULT or name.endswith(".gguf"):
         path = embedded_gguf() if name == EMBEDDED_DEFAULT else name
         if not os.path.isfile(path):
