@@ -122,15 +122,21 @@ def _write_metrics(path: str, rows: list[dict]) -> None:
 
 
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
-        stop_after_round: int | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Run (or resume) a federated fine-tuning run; returns the metrics rows."""
+        stop_after_round: int | None = None, log: Callable[[str], None] = print,
+        preloaded: tuple | None = None, baseline: dict | None = None) -> list[dict]:
+    """Run (or resume) a federated fine-tuning run; returns the metrics rows.
+
+    preloaded: (model, tokenizer) already holding cfg.model's initial weights (the demo
+    loads once for several algorithms). baseline: a round-0 row measured on the same
+    model, data and evaluation settings, reused instead of evaluating again.
+    """
     from tqdm.auto import tqdm
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoint")
     metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
     dataset = load_dataset(cfg)
-    model, tokenizer = load_causal_lm(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
+    model, tokenizer = preloaded or load_causal_lm(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
     algo = build_algorithm(cfg, model)
     model = algo.prepare(model)
     evaluator = Evaluator(cfg, dataset, tokenizer)
@@ -149,12 +155,14 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         log(f"no checkpoint in {ckpt_dir}: starting from round 1")
 
     if start_round == 1:
-        t = time.perf_counter()
-        row = {"round": 0, "algorithm": cfg.algorithm, "eval_loss": evaluator.loss(model)}
-        if cfg.eval_every >= 0:
+        if baseline is not None:
+            row = {**baseline, "algorithm": cfg.algorithm}
+        else:
+            t = time.perf_counter()
+            row = {"round": 0, "algorithm": cfg.algorithm, "eval_loss": evaluator.loss(model)}
             row["rouge_l"], _ = evaluator.rouge(model)
-        row["seconds"] = {"evaluation": time.perf_counter() - t}
-        row.update(bytes_up=0, bytes_down=0, cumulative_bytes=0, clients=[])
+            row["seconds"] = {"evaluation": time.perf_counter() - t}
+            row.update(bytes_up=0, bytes_down=0, cumulative_bytes=0, clients=[])
         rows = [row]
         _write_metrics(metrics_path, rows)
         log(f"round 0: eval loss {row['eval_loss']:.4f}" + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else ""))
