@@ -117,3 +117,13 @@ def test_config_yaml_and_overrides(tmp_path):
     assert (cfg.algorithm, cfg.rounds, cfg.lr) == ("fedavg", 3, 0.001)
     with pytest.raises(ValueError, match="algorithm"):
         config.load(None, {"algorithm": "fedsgd"})
+
+
+def test_shipped_configs_load():
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+    assert len(paths) >= 5
+    for path in paths:
+        cfg = config.load(path)
+        assert cfg.budget == 7800 and cfg.lr == 1e-4
