@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import time
 from datetime import date
+from functools import partial
 
 import torch
 
@@ -124,17 +125,17 @@ def run(args) -> list[dict]:
     ferret_backends = ["triton"] if device == "cuda" else (["cpu"] if backends.cpu_extension() else [])
     for dist in args.dist:
         for be in ferret_backends:
-            record(f"ferret:{be}", "project", dist, lambda: fk.project(x, 1, K, distribution=dist, backend=be))
+            record(f"ferret:{be}", "project", dist, partial(fk.project, x, 1, K, distribution=dist, backend=be))
             out = torch.zeros(d, device=device)
             record(f"ferret:{be}", "reconstruct", dist,
-                   lambda: fk.reconstruct_(out, gamma, 1, distribution=dist, backend=be))
+                   partial(fk.reconstruct_, out, gamma, 1, distribution=dist, backend=be))
         if device == "cpu" and args.torch_reference:
             small = min(d, 1 << 16)
             xs, outs = x[:small].clone(), torch.zeros(small)
-            record("ferret:torch", "project", dist, lambda: fk.project(xs, 1, K, distribution=dist, backend="torch"),
+            record("ferret:torch", "project", dist, partial(fk.project, xs, 1, K, distribution=dist, backend="torch"),
                    small)
             record("ferret:torch", "reconstruct", dist,
-                   lambda: fk.reconstruct_(outs, gamma, 1, distribution=dist, backend="torch"), small)
+                   partial(fk.reconstruct_, outs, gamma, 1, distribution=dist, backend="torch"), small)
         gen_fn = generate_only(device, d, K, dist)
         if gen_fn is not None:
             record("generate-only", "-", dist, gen_fn)

@@ -18,6 +18,8 @@ budget, fingerprint), ``ClientRound`` / ``ClientUpdate`` (compress a local updat
 and ``FerretCallback`` (Hugging Face Trainer).
 """
 
+from . import wire
+from .client import ClientRound, ClientUpdate
 from .functional import (
     basis,
     perturb_,
@@ -27,8 +29,6 @@ from .functional import (
     reconstruct_,
     reconstruct_blocks_,
 )
-from . import wire
-from .client import ClientRound, ClientUpdate
 from .plan import FerretPlan, round_seed
 from .rng import CONTRACT_VERSION, DISTRIBUTIONS, VARIANCE
 from .server import Aggregator, GlobalUpdate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -16,7 +16,7 @@ BUILD_HINT = (
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def triton_available() -> bool:
     try:
         importlib.import_module("triton")
@@ -25,7 +25,7 @@ def triton_available() -> bool:
     return True
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_extension():
     """The compiled ``ferret_kernels._C`` module, or None (warned about once)."""
     try:

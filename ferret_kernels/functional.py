@@ -11,8 +11,8 @@ caller's business: these compute raw V x and V^T gamma.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
-from typing import Sequence
 
 import torch
 

@@ -10,8 +10,8 @@ part of one tensor that falls in one block. Every backend consumes segments.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -104,7 +104,7 @@ def _int_tuple(values, name: str) -> tuple[int, ...]:
         out = tuple(int(v) for v in values)
     except TypeError as exc:
         raise TypeError(f"{name} must be a sequence of ints; got {type(values).__name__}") from exc
-    for v, orig in zip(out, values):
+    for v, orig in zip(out, values, strict=True):
         if isinstance(orig, float) and orig != v:
             raise TypeError(f"{name} must hold integers; got {orig!r}")
     return out

@@ -142,13 +142,13 @@ def _ragged_case(dtypes):
     sizes = [300, 1000, 7, 2000, 1]
     counts = [3, 0, 5, 9, 2]
     numels = [500, 1107, 1701]
-    xs = [torch.randn(n).to(dt) for n, dt in zip(numels, dtypes)]
+    xs = [torch.randn(n).to(dt) for n, dt in zip(numels, dtypes, strict=True)]
     return sizes, counts, xs
 
 
 def _dense_blocks(seed, sizes, counts, dist, block_ids=None):
     mats = []
-    for pos, (s, c) in enumerate(zip(sizes, counts)):
+    for pos, (s, c) in enumerate(zip(sizes, counts, strict=True)):
         blk = pos if block_ids is None else block_ids[pos]
         mats.append(dense_basis(seed, c, s, block=blk, dist=dist) if c else torch.zeros(0, s, dtype=torch.float64))
     return mats
@@ -163,7 +163,7 @@ def test_project_blocks_over_tensor_list(backend_device, dist):
                             backend=backend)
     flat = torch.cat([x.double() for x in xs])
     parts, start = [], 0
-    for mat, s in zip(_dense_blocks(99, sizes, counts, dist, block_ids), sizes):
+    for mat, s in zip(_dense_blocks(99, sizes, counts, dist, block_ids), sizes, strict=True):
         parts.append(mat @ flat[start:start + s])
         start += s
     assert got.shape == (sum(counts),)
@@ -177,7 +177,7 @@ def test_reconstruct_blocks_matches_float64_and_torch_bits(backend_device, dist)
     gamma = torch.randn(sum(counts))
     flat = torch.cat([x.double() for x in xs])
     update, coef = [], 0
-    for mat, c in zip(_dense_blocks(4, sizes, counts, dist), counts):
+    for mat, c in zip(_dense_blocks(4, sizes, counts, dist), counts, strict=True):
         update.append(mat.T @ gamma[coef:coef + c].double())
         coef += c
     ref = flat + 0.5 * torch.cat(update)
@@ -186,7 +186,7 @@ def test_reconstruct_blocks_matches_float64_and_torch_bits(backend_device, dist)
     torch.testing.assert_close(torch.cat([o.cpu().double() for o in outs]), ref, atol=2e-3, rtol=2e-3)
     torch_outs = [x.clone() for x in xs]
     fk.reconstruct_blocks_(torch_outs, sizes, counts, gamma, 4, alpha=0.5, distribution=dist, backend="torch")
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(outs, torch_outs))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(outs, torch_outs, strict=True))
 
 
 def test_single_tensor_blocks_equal_per_block_calls(backend_device):
@@ -195,7 +195,7 @@ def test_single_tensor_blocks_equal_per_block_calls(backend_device):
     sizes, counts = [1000, 1500, 500], [4, 2, 3]
     got = fk.project_blocks(x, sizes, counts, 5, backend=backend)
     each = [fk.project(x[s:s + n], 5, c, block=b, backend=backend) for b, (s, n, c) in
-            enumerate(zip([0, 1000, 2500], sizes, counts))]
+            enumerate(zip([0, 1000, 2500], sizes, counts, strict=True))]
     torch.testing.assert_close(got, torch.cat(each), atol=1e-5, rtol=1e-5)
 
 

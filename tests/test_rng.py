@@ -79,7 +79,7 @@ def test_rademacher_bit_order():
     words = rng.philox4x32_10(7, 0, 2, 1, 9, 0)
     j = torch.arange(7 * 128, 8 * 128)
     v = rng.elements(9, 1, 2, j, "rademacher")
-    for jj, value in zip(j.tolist(), v.tolist()):
+    for jj, value in zip(j.tolist(), v.tolist(), strict=True):
         bit = (int(words[(jj % 128) // 32]) >> (jj % 32)) & 1
         assert value == (-1.0 if bit else 1.0)
 

@@ -63,10 +63,9 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from . import simulation
-
     import torch
 
+    from . import simulation
     from .models import load_causal_lm
 
     unknown = sorted(set(args.algorithms) - set(DEMO_ALGORITHMS))

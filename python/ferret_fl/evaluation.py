@@ -6,7 +6,7 @@ and the reference, averaged over samples, in percent; greedy decoding, 128 new t
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -66,5 +66,5 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     if not predictions:
         raise ValueError("no predictions to score")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references)]
+    scores = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
     return 100.0 * sum(scores) / len(scores)

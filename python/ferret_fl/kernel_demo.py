@@ -101,7 +101,7 @@ def main(argv=None):
         print(f"      step {step + 1}/{args.steps} loss {loss.item():.4f}", flush=True)
     t_local = time.perf_counter() - t
     loss_local = loss_of(model, data)
-    delta = [(s - q.detach()) for s, q in zip(start, params)]
+    delta = [(s - q.detach()) for s, q in zip(start, params, strict=True)]
 
     print(f"[3/5] compress: K = {args.budget} coefficients over {len(groups)} blocks (K_l ~ |delta_l|)", flush=True)
     t = time.perf_counter()
@@ -124,7 +124,7 @@ def main(argv=None):
     cosine = float(torch.dot(flat_true, flat_rebuilt) / (flat_true.norm() * flat_rebuilt.norm()))
     order = [i for g in groups for i in g]
     with torch.no_grad():
-        for i, r in zip(order, rebuilt):
+        for i, r in zip(order, rebuilt, strict=True):
             params[i].copy_(start[i] - r)
     loss_ferret = loss_of(model, data)
 
@@ -136,7 +136,7 @@ def main(argv=None):
           f"update {loss_ferret:.4f}")
     print(f"      seconds: local {t_local:.1f} | compress {t_compress:.2f} | rebuild {t_rebuild:.2f} | "
           f"total {time.perf_counter() - t0:.1f}")
-    print(f"      work: sum_l d_l K_l = {sum(s * c for s, c in zip(sizes, counts)):.3g} element x bases per phase")
+    print(f"      work: sum_l d_l K_l = {sum(s * c for s, c in zip(sizes, counts, strict=True)):.3g} element x bases per phase")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ per client and round. Updates are weighted by sample count (or equally).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -45,7 +45,7 @@ class FedAvg(Algorithm):
         weights = [m.num_samples if self.weighting == "samples" else 1 for m in messages]
         total = float(sum(weights))
         mean: dict[str, torch.Tensor] = {}
-        for m, w in zip(messages, weights):
+        for m, w in zip(messages, weights, strict=True):
             delta, _ = decode_tensors(m.payload, {"algorithm": self.name, "round": str(round_index)})
             for name, t in delta.items():
                 acc = mean.setdefault(name, torch.zeros(t.shape, dtype=torch.float32))

@@ -6,7 +6,7 @@ Clients train only the adapters and upload them; the server averages adapter wei
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

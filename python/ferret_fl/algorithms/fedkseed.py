@@ -14,7 +14,7 @@ state a new client needs to rebuild the weights from w_0.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -65,7 +65,7 @@ class FedKSeed(Algorithm):
                 losses.append((plus + minus) / 2)
         with timer("compress"):
             payload = encode_tensors({"scalars": scalars.float()}, {"algorithm": self.name, "round": str(round_index)})
-        for p, s in zip(params, start):
+        for p, s in zip(params, start, strict=True):
             p.copy_(s)
         samples = sum(len(b["input_ids"]) for micro in steps for b in micro)
         return ClientMessage(payload, samples, sum(losses) / max(len(losses), 1), timer.seconds)
@@ -75,7 +75,7 @@ class FedKSeed(Algorithm):
             raise ValueError("no client messages to aggregate")
         weights = [m.num_samples if self.weighting == "samples" else 1 for m in messages]
         mean = torch.zeros(self.K, dtype=torch.float64)
-        for m, w in zip(messages, weights):
+        for m, w in zip(messages, weights, strict=True):
             t, _ = decode_tensors(m.payload, {"algorithm": self.name, "round": str(round_index)})
             scalars = t["scalars"]
             if scalars.shape != (self.K,) or not bool(torch.isfinite(scalars).all()):

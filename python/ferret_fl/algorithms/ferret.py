@@ -9,7 +9,7 @@ The server learning rate may decay geometrically per round.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -73,7 +73,7 @@ class Ferret(Algorithm):
         if server is not None and server.round == round_index:
             same = (replay.seeds == server.seeds and replay.counts == server.counts
                     and replay.server_lr == server.server_lr
-                    and all(torch.equal(a, b) for a, b in zip(replay.coefficients, server.coefficients)))
+                    and all(torch.equal(a, b) for a, b in zip(replay.coefficients, server.coefficients, strict=True)))
             if not same:
                 raise RuntimeError(f"round {round_index}: the encoded GlobalUpdate differs from what the server "
                                    "aggregated; clients would diverge from the server")
