@@ -22,7 +22,7 @@ test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m ferret_fl.kernel_demo
+	$(VENV)/bin/ferret-fl demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kernels.py

@@ -25,7 +25,7 @@ RUN_FLAGS = {
 
 # The demo: small enough for a 2-core CPU in minutes, large enough that Rouge-L moves.
 DEMO = dict(model="smollm2-135m", data="synthetic", clients_per_round=2, rounds=3, local_steps=3, batch_size=2,
-            grad_accum=1, max_length=256, lr=3e-4, eval_every=0, eval_samples=32, eval_loss_samples=48,
+            grad_accum=1, max_length=256, lr=1e-3, eval_every=0, eval_samples=32, eval_loss_samples=48,
             max_new_tokens=16, eval_batch_size=16)
 DEMO_ALGORITHMS = {
     "ferret": dict(server_lr=1.0, budget=7800),

@@ -38,7 +38,8 @@ def load_dataset(cfg: RunConfig) -> FederatedDataset:
     kind, _, location = cfg.data.partition(":")
     if kind == "dolly":
         return data.load_dolly(location or data.DOLLY_HUB_ID, num_clients=cfg.num_clients,
-                               alpha=cfg.dirichlet_alpha, min_samples=cfg.min_client_samples, seed=cfg.seed)
+                               alpha=cfg.dirichlet_alpha, min_samples_per_client=cfg.min_client_samples,
+                               seed=cfg.seed)
     if kind == "ni":
         if not location:
             raise ValueError("data 'ni:<directory>' needs the Natural Instructions directory")
