@@ -126,3 +126,14 @@ def test_shipped_configs_load():
     for path in paths:
         cfg = config.load(path)
         assert cfg.budget == 7800 and cfg.lr == 1e-4
+
+
+def test_run_config_reaches_every_data_source(tmp_path):
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    dolly = simulation.load_dataset(_cfg(tmp_path, "d", data=f"dolly:{fixtures}/dolly_sample.jsonl", num_clients=4,
+                                         min_client_samples=3))
+    assert dolly.num_clients == 4 and dolly.eval_tasks == ("summarization",)
+    ni = simulation.load_dataset(_cfg(tmp_path, "n", data=f"ni:{fixtures}/natural_instructions"))
+    assert ni.num_clients >= 1 and len(ni.eval_examples) > 0
+    with pytest.raises(ValueError, match="data"):
+        simulation.load_dataset(_cfg(tmp_path, "x", data="imagenet"))
