@@ -2,11 +2,14 @@
 //
 // Everything here is always_inline and branch-free so that GCC vectorises it across
 // lanes when it is called inside a `#pragma omp simd` loop over Philox calls (one lane
-// per call); the kernels in ferret_cpu.cpp are written that way. Every float operation
-// is the single binary32 +, * or correctly rounded sqrt of rng.py, in the same order:
-// the extension is built with -ffp-contract=off and without -ffast-math, so the bits
-// match the torch reference exactly. Selects and sign flips are exact, so they are
-// done on bits where that is cheaper than the nested torch.where of the reference.
+// per call); the kernels in ferret_cpu.cpp are written that way. (The scalar Philox
+// here is the baseline path and the spec for the hand-vectorised AVX2 / AVX-512
+// versions there; GCC 12 vectorises its 32x32->64 products poorly.) Every float
+// operation is the single binary32 +, * or correctly rounded sqrt of rng.py, in the
+// same order: the extension is built with -ffp-contract=off and without -ffast-math,
+// so the bits match the torch reference exactly. Integer-side steps (selects, sign
+// flips, exponent splits) may be rearranged wherever the result is provably the same
+// bits; each such place says why.
 #pragma once
 
 #include <cstdint>
@@ -61,13 +64,29 @@ struct PhiloxKey {
   }
 };
 
+// Results are returned by value, never through reference parameters: OpenMP lowers a
+// simd loop before inlining, and an address-taken local in its body becomes a per-lane
+// array the vectoriser cannot handle.
+struct Words4 {
+  uint32_t w0, w1, w2, w3;
+};
+struct Float2 {
+  float a, b;
+};
+struct Float4 {
+  float z0, z1, z2, z3;
+};
+struct Call {
+  uint32_t lo, hi;
+};
+
 FERRET_INLINE uint32_t f32_bits(float x) { return __builtin_bit_cast(uint32_t, x); }
 FERRET_INLINE float bits_f32(uint32_t x) { return __builtin_bit_cast(float, x); }
 
 // Philox4x32-10 (Random123). The 32x32->64 products are what the vectoriser turns into
 // even/odd vpmuludq pairs; the rounds are spelled out so no inner loop blocks it.
-FERRET_INLINE void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, const uint32_t* k0,
-                                  const uint32_t* k1, uint32_t& o0, uint32_t& o1, uint32_t& o2, uint32_t& o3) {
+FERRET_INLINE Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, const uint32_t* k0,
+                                    const uint32_t* k1) {
 #define FERRET_PHILOX_ROUND(r)                                                  \
   {                                                                             \
     const uint64_t p0 = static_cast<uint64_t>(c0) * kPhiloxM0;                  \
@@ -90,28 +109,29 @@ FERRET_INLINE void philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t
   FERRET_PHILOX_ROUND(8)
   FERRET_PHILOX_ROUND(9)
 #undef FERRET_PHILOX_ROUND
-  o0 = c0;
-  o1 = c1;
-  o2 = c2;
-  o3 = c3;
+  return Words4{c0, c1, c2, c3};
 }
 
-// rng.unit_uniform: (2n+1) * 2**-24 is exact (2n+1 < 2**24), so int->float is exact too.
+// rng.unit_uniform: (2n+1) * 2**-24 for n = word >> 9. (word >> 8) | 1 is 2n+1 (the |1
+// overwrites bit 8), and 2n+1 < 2**24, so the int->float conversion is exact too.
 FERRET_INLINE float unit_uniform(uint32_t word) {
-  const int32_t odd = static_cast<int32_t>(((word >> 9) << 1) | 1u);
+  const int32_t odd = static_cast<int32_t>((word >> 8) | 1u);
   return static_cast<float>(odd) * kTwoPowM24;
 }
 
-// rng.log_unit (Cephes logf on (0, 1)).
+// rng.log_unit (Cephes logf on (0, 1)). The reference writes u = m * 2**e with m in
+// [0.5, 1), and when m < SQRT_HALF uses e - 1 and f = (m + m) - 1 instead: that is,
+// u = M * 2**e' with M in [SQRT_HALF, 2 * SQRT_HALF) and f = M - 1 (m + m is exact).
+// e' and M come out of one integer add (musl's logf does the same): adding
+// 1.0f - SQRT_HALF to the bits carries into the exponent exactly when m >= SQRT_HALF.
+// Besides saving integer work, it keeps float ops out of selects: GCC sinks those into
+// branches that -ftrapping-math then refuses to if-convert, and nothing vectorises.
 FERRET_INLINE float log_unit(float u) {
-  const uint32_t bits = f32_bits(u);
-  const int32_t e_raw = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
-  const float m = bits_f32((bits & 0x7FFFFFu) | (126u << 23));
-  const bool small = m < kSqrtHalf;
-  const float e = static_cast<float>(small ? e_raw - 1 : e_raw);
-  const float f_small = (m + m) - 1.0f;
-  const float f_big = m - 1.0f;
-  const float f = small ? f_small : f_big;
+  constexpr uint32_t kSqrtHalfBits = 0x3F3504F3u;
+  static_assert(__builtin_bit_cast(uint32_t, kSqrtHalf) == kSqrtHalfBits, "SQRT_HALF bits");
+  const uint32_t ix = f32_bits(u) + (0x3F800000u - kSqrtHalfBits);
+  const float e = static_cast<float>(static_cast<int32_t>(ix >> 23) - 127);
+  const float f = bits_f32((ix & 0x7FFFFFu) + kSqrtHalfBits) - 1.0f;
   const float z = f * f;
   float y = kLogP0 * f;
   y = (y + kLogP1) * f;
@@ -142,60 +162,55 @@ FERRET_INLINE float cos_poly(float a) {
   return y + 1.0f;
 }
 
-// rng.cos_sin_turn. The reference picks cos/sin per quadrant with nested wheres;
-// here the same value is chosen by one select (odd quadrants swap sin and cos, as does
-// the reflection y -> 1 - y) and the sign is applied as a sign-bit flip, which is
-// exactly the reference's negation.
-FERRET_INLINE void cos_sin_turn(uint32_t word, float& cos_out, float& sin_out) {
-  const uint32_t n = word >> 9;
-  const uint32_t quadrant = n >> 21;
-  const int32_t odd = static_cast<int32_t>(((n & 0x1FFFFFu) << 1) | 1u);
-  const float y = static_cast<float>(odd) * kTwoPowM22;
-  const bool low = y < 0.5f;
-  const float reflected = 1.0f - y;
-  const float a = (low ? y : reflected) * kHalfPi;
+// rng.cos_sin_turn, for n = word >> 9: quadrant = n >> 21 (word bits 31, 30), and
+// y = odd * 2**-22 with odd = 2 * (n & 0x1FFFFF) + 1.
+//  * where(y < 0.5, y, 1 - y): both are exact (1 - y = (2**22 - odd) * 2**-22), so the
+//    pick is made on the integers; y < 0.5 <=> odd < 2**21.
+//  * The nested wheres over quadrants reduce to: cos takes c_a when `y < 0.5` equals
+//    "even quadrant", i.e. when word bits 29 and 30 are equal, else s_a (sin the other);
+//    cos is negated in quadrants 1, 2 (bits 31 != 30) and sin in 2, 3 (bit 31). The
+//    negations are sign-bit flips, exactly the reference's unary minus.
+// Everything but the polynomials stays in uint32 so the select masks come from integer
+// compares (a bool built from the quadrant stops GCC vectorising).
+FERRET_INLINE Float2 cos_sin_turn(uint32_t word) {
+  const int32_t odd = static_cast<int32_t>(((word >> 8) & 0x3FFFFFu) | 1u);
+  const int32_t picked = odd < (1 << 21) ? odd : (1 << 22) - odd;
+  const float a = (static_cast<float>(picked) * kTwoPowM22) * kHalfPi;
   const float s_a = sin_poly(a);
   const float c_a = cos_poly(a);
-  const bool swap = low != ((quadrant & 1u) != 0);  // true: cos takes c_a
-  const float cos_mag = swap ? c_a : s_a;
-  const float sin_mag = swap ? s_a : c_a;
-  const uint32_t cos_sign = ((quadrant + 1u) & 2u) << 30;  // quadrants 1, 2
-  const uint32_t sin_sign = (quadrant & 2u) << 30;         // quadrants 2, 3
-  cos_out = bits_f32(f32_bits(cos_mag) ^ cos_sign);
-  sin_out = bits_f32(f32_bits(sin_mag) ^ sin_sign);
+  const uint32_t t = word ^ (word << 1);  // bit 31: bits 31 != 30; bit 30: bits 30 != 29
+  const bool cos_is_sin = (t & 0x40000000u) != 0u;
+  const float cos_mag = cos_is_sin ? s_a : c_a;
+  const float sin_mag = cos_is_sin ? c_a : s_a;
+  return Float2{bits_f32(f32_bits(cos_mag) ^ (t & 0x80000000u)), bits_f32(f32_bits(sin_mag) ^ (word & 0x80000000u))};
 }
 
 // rng.box_muller. __builtin_sqrtf is the correctly rounded IEEE sqrt (sqrtss/vsqrtps);
 // -fno-math-errno lets it vectorise (its argument is always > 0 here).
-FERRET_INLINE void box_muller(uint32_t w_radius, uint32_t w_angle, float& z_cos, float& z_sin) {
+FERRET_INLINE Float2 box_muller(uint32_t w_radius, uint32_t w_angle) {
   const float r = __builtin_sqrtf(log_unit(unit_uniform(w_radius)) * -2.0f);
-  float c, s;
-  cos_sin_turn(w_angle, c, s);
-  z_cos = r * c;
-  z_sin = r * s;
+  const Float2 cs = cos_sin_turn(w_angle);
+  return Float2{r * cs.a, r * cs.b};
 }
 
 // Counter words of Philox call `call_lo + lane` (64-bit, split): lanes add to the low
 // word and carry into the high word, so a group may straddle a 2**32 boundary.
-FERRET_INLINE void call_words(uint32_t base_lo, uint32_t base_hi, uint32_t lane, uint32_t& lo, uint32_t& hi) {
-  lo = base_lo + lane;
-  hi = base_hi + (lo < base_lo ? 1u : 0u);
+FERRET_INLINE Call call_words(uint32_t base_lo, uint32_t base_hi, uint32_t lane) {
+  const uint32_t lo = base_lo + lane;
+  return Call{lo, base_hi + (lo < base_lo ? 1u : 0u)};
 }
 
-// Elements 4*call + 0..3 of basis (block, k): four normals.
-FERRET_INLINE void gaussian4(uint32_t call_lo, uint32_t call_hi, uint32_t k, uint32_t block, const PhiloxKey& key,
-                             float& z0, float& z1, float& z2, float& z3) {
-  uint32_t w0, w1, w2, w3;
-  philox4x32_10(call_lo, call_hi, k, block, key.k0, key.k1, w0, w1, w2, w3);
-  box_muller(w0, w1, z0, z1);
-  box_muller(w2, w3, z2, z3);
+// Elements 4*call + 0..3 of a gaussian basis from the call's four Philox words.
+FERRET_INLINE Float4 gaussian4(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  const Float2 a = box_muller(w0, w1);
+  const Float2 b = box_muller(w2, w3);
+  return Float4{a.a, a.b, b.a, b.b};
 }
 
-// The four words behind elements 128*call + 0..127 of basis (block, k); element
-// 32*q + b is -1 when bit b of word q is set.
-FERRET_INLINE void rademacher_words(uint32_t call_lo, uint32_t call_hi, uint32_t k, uint32_t block,
-                                    const PhiloxKey& key, uint32_t& w0, uint32_t& w1, uint32_t& w2, uint32_t& w3) {
-  philox4x32_10(call_lo, call_hi, k, block, key.k0, key.k1, w0, w1, w2, w3);
+// The words of Philox call `call` of basis (block, k): counter (call lo, call hi, k, block).
+// For Rademacher, element 128*call + 32*q + b is -1 when bit b of word q is set.
+FERRET_INLINE Words4 philox_call(Call call, uint32_t k, uint32_t block, const PhiloxKey& key) {
+  return philox4x32_10(call.lo, call.hi, k, block, key.k0, key.k1);
 }
 
 // +1.0f / -1.0f for bit b of word: the value the reference multiplies by.
