@@ -69,4 +69,4 @@ def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], lay
                     acc = acc + gamma[coef + k0 + r] * v[r]
             piece = target[i:i + n]
             updated = piece.to("cpu", torch.float32) + alpha32 * acc
-            piece.copy_(updated.to(piece.dtype))
+            piece.copy_(rng.round_float32_to(updated, piece.dtype))

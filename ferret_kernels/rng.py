@@ -183,6 +183,22 @@ def box_muller(w_radius: torch.Tensor, w_angle: torch.Tensor) -> tuple[torch.Ten
     return r * cos, r * sin
 
 
+def round_float32_to(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``x`` rounded to nearest-even in ``dtype``, NaN as the contract says.
+
+    bfloat16 is rounded on the bits (NaN -> 0x7FC0): torch's vectorised cast may keep
+    other NaN bits. float16 uses torch's cast (round to nearest even).
+    """
+    if dtype == torch.float32:
+        return x
+    if dtype == torch.bfloat16:
+        bits = x.view(torch.int32).to(torch.int64) & MASK32
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = torch.where(torch.isnan(x), 0x7FC0, rounded)
+        return rounded.to(torch.int32).to(torch.int16).view(torch.bfloat16)
+    return x.to(dtype)
+
+
 def _split_seed(seed: int) -> tuple[int, int]:
     seed = check_seed(seed)
     return seed & MASK32, seed >> 32

@@ -269,3 +269,14 @@ def test_perturb_blocks_adds_basis_k_of_every_block(backend_device):
     ref = flat + 0.5 * torch.cat([dense_basis(8, 1, 100, block=4, k_begin=3)[0],
                                   dense_basis(8, 1, 170, block=9, k_begin=3)[0]])
     torch.testing.assert_close(torch.cat([g.cpu().double() for g in got]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_nan_is_written_as_the_contract_says(backend_device):
+    backend, device = backend_device
+    out = torch.randn(300).to(torch.bfloat16)
+    out[::17] = float("nan")
+    got = out.clone().to(device)
+    fk.reconstruct_(got, torch.randn(3, device=device), 5, backend=backend)
+    bits = got.cpu().view(torch.int16).to(torch.int32) & 0xFFFF
+    assert bool((bits[::17] == 0x7FC0).all())
+    assert not bool(torch.isnan(got.cpu()[1::17]).any())
