@@ -126,6 +126,23 @@ def encode_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -
     return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
 
 
+def weighted_mean_payload(messages: Sequence[ClientMessage], weights: Sequence[float], name: str,
+                          round_index: int) -> bytes:
+    """The float32 weighted mean, tensor by tensor, of the clients' named tensors, encoded
+    as the round's global message. ``weights`` are normalised to sum to 1."""
+    if not messages:
+        raise ValueError("no client messages to aggregate")
+    total = float(sum(weights))
+    mean: dict[str, torch.Tensor] = {}
+    for m, w in zip(messages, weights, strict=True):
+        tensors, _ = decode_tensors(m.payload, {"algorithm": name, "round": str(round_index)})
+        if mean and set(tensors) != set(mean):
+            raise ValueError(f"round {round_index}: client messages name different tensors")
+        for key, t in tensors.items():
+            mean.setdefault(key, torch.zeros(t.shape, dtype=torch.float32)).add_(t.float(), alpha=w / total)
+    return encode_tensors(mean, {"algorithm": name, "round": str(round_index), "kind": "global"})
+
+
 def payload_metadata(payload: bytes) -> dict[str, str]:
     """The string metadata in a safetensors payload's JSON header."""
     if len(payload) < 8:

@@ -10,7 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Algorithm, ClientMessage, LocalConfig, Timer, decode_tensors, encode_tensors, local_sgd
+from .base import (
+    Algorithm,
+    ClientMessage,
+    LocalConfig,
+    Timer,
+    decode_tensors,
+    encode_tensors,
+    local_sgd,
+    weighted_mean_payload,
+)
 
 
 class FedAvg(Algorithm):
@@ -40,17 +49,8 @@ class FedAvg(Algorithm):
         return ClientMessage(payload, samples, loss, timer.seconds)
 
     def aggregate(self, messages: Sequence[ClientMessage], round_index: int) -> bytes:
-        if not messages:
-            raise ValueError("no client messages to aggregate")
         weights = [m.num_samples if self.weighting == "samples" else 1 for m in messages]
-        total = float(sum(weights))
-        mean: dict[str, torch.Tensor] = {}
-        for m, w in zip(messages, weights, strict=True):
-            delta, _ = decode_tensors(m.payload, {"algorithm": self.name, "round": str(round_index)})
-            for name, t in delta.items():
-                acc = mean.setdefault(name, torch.zeros(t.shape, dtype=torch.float32))
-                acc.add_(t.float(), alpha=w / total)
-        return encode_tensors(mean, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
+        return weighted_mean_payload(messages, weights, self.name, round_index)
 
     def apply_(self, model, payload: bytes, round_index: int) -> None:
         delta, _ = decode_tensors(payload, {"algorithm": self.name, "round": str(round_index), "kind": "global"})

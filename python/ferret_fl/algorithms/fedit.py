@@ -10,7 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .base import Algorithm, ClientMessage, LocalConfig, Timer, decode_tensors, encode_tensors, local_sgd
+from .base import (
+    Algorithm,
+    ClientMessage,
+    LocalConfig,
+    Timer,
+    decode_tensors,
+    encode_tensors,
+    local_sgd,
+    weighted_mean_payload,
+)
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 
@@ -49,15 +58,7 @@ class FedIT(Algorithm):
         return ClientMessage(payload, samples, loss, timer.seconds)
 
     def aggregate(self, messages: Sequence[ClientMessage], round_index: int) -> bytes:
-        if not messages:
-            raise ValueError("no client messages to aggregate")
-        total = float(sum(m.num_samples for m in messages))
-        mean: dict[str, torch.Tensor] = {}
-        for m in messages:
-            adapters, _ = decode_tensors(m.payload, {"algorithm": self.name, "round": str(round_index)})
-            for name, t in adapters.items():
-                mean.setdefault(name, torch.zeros(t.shape, dtype=torch.float32)).add_(t.float(), alpha=m.num_samples / total)
-        return encode_tensors(mean, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
+        return weighted_mean_payload(messages, [m.num_samples for m in messages], self.name, round_index)
 
     def apply_(self, model, payload: bytes, round_index: int) -> None:
         mean, _ = decode_tensors(payload, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
