@@ -24,8 +24,10 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ferret-fl demo
 
+# GPU: the Triton kernels against the baselines and the generation roofline; CPU: the
+# C++ backend at 1 and 2 threads against the same baselines.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_kernels.py
+	$(if $(shell command -v nvidia-smi 2>/dev/null),$(PY) benchmarks/bench_kernels.py --device cuda,$(PY) benchmarks/bench_cpu.py)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ferret_kernels python tests benchmarks setup.py
