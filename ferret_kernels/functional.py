@@ -61,7 +61,7 @@ def _check_gamma(gamma, length: int, device: torch.device) -> torch.Tensor:
 
 
 def _single_block(numel: int, K: int, block: int, offset: int) -> tuple[BlockLayout, list[Segment]]:
-    """A one-block layout whose only segment is the whole tensor at elements offset.."""
+    """A one-block layout whose only segment is the whole tensor, starting at element ``offset``."""
     _check_int(offset, "offset", 0, 2**62 - numel)
     layout = BlockLayout.build([offset + numel], [K], [block])
     return layout, [Segment(0, 0, numel, 0, offset)]
