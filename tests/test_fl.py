@@ -137,3 +137,11 @@ def test_run_config_reaches_every_data_source(tmp_path):
     assert ni.num_clients >= 1 and len(ni.eval_examples) > 0
     with pytest.raises(ValueError, match="data"):
         simulation.load_dataset(_cfg(tmp_path, "x", data="imagenet"))
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    cfg = _cfg(tmp_path, "r", rounds=1)
+    simulation.run(cfg, progress=False, log=lambda s: None)
+    changed = _cfg(tmp_path, "r", rounds=2, budget=80)
+    with pytest.raises(ValueError, match="budget"):
+        simulation.run(changed, resume=True, progress=False, log=lambda s: None)

@@ -107,6 +107,22 @@ class Evaluator:
         return evaluation.rouge_l(predictions, [ex.output for ex in self.rouge_examples]), predictions
 
 
+# Settings a resumed run may change: how long it runs, how it evaluates, where it writes.
+RESUMABLE_CHANGES = {"rounds", "eval_every", "eval_samples", "eval_loss_samples", "max_new_tokens", "eval_batch_size",
+                     "output_dir", "device", "backend"}
+
+
+def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
+    """Refuse to resume a checkpoint under settings that would make it a different run."""
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        saved = json.load(f).get("config", {})
+    changed = sorted(k for k, v in as_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+        raise ValueError(f"cannot resume {ckpt_dir}: settings differ from the checkpointed run ({detail}); "
+                         "use the same settings or a new --output-dir")
+
+
 def _read_metrics(path: str, upto_round: int) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -146,9 +162,8 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
 
     start_round, rows = 1, []
     if resume and checkpoint.exists(ckpt_dir):
+        _check_resumable(ckpt_dir, cfg)
         tensors, state = checkpoint.load(ckpt_dir, model)
-        if state.get("config", {}).get("algorithm") != cfg.algorithm:
-            raise ValueError(f"{ckpt_dir} holds a {state.get('config', {}).get('algorithm')} run, not {cfg.algorithm}")
         algo.load_state_tensors(tensors)
         start_round = int(state["round"]) + 1
         rows = _read_metrics(metrics_path, state["round"])
