@@ -13,6 +13,7 @@ import types
 import numpy as np
 import pytest
 import torch
+
 from ferret_fl.data import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,

@@ -6,8 +6,9 @@ import os
 
 import pytest
 import torch
-from ferret_fl import cli, config, report, simulation
 from safetensors.torch import load_file
+
+from ferret_fl import cli, config, report, simulation
 
 TINY = dict(model="llama-tiny-shape", data="synthetic", rounds=2, clients_per_round=2, local_steps=2, batch_size=2,
             grad_accum=2, max_length=512, lr=1e-2, server_lr=1.0, budget=96, kseed_candidates=32, kseed_lr=1e-3,
