@@ -23,8 +23,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("views"), py::arg("segments"), py::arg("blocks"), py::arg("total_count"), py::arg("seed"),
         py::arg("distribution"), py::call_guard<py::gil_scoped_release>());
   m.def("reconstruct_", &ferret::reconstruct_,
-        "In place: each segment element += alpha * sum_i gamma[coef + i] * v_{k_begin + i}, same tables as project",
-        py::arg("views"), py::arg("segments"), py::arg("blocks"), py::arg("gamma"), py::arg("seed"),
+        "In place: each segment element += alpha * sum_seeds sum_i gamma[coef + i] * v_{k_begin + i}; blocks holds "
+        "one group of L rows [count, block_id, coef_offset, k_begin] per seed",
+        py::arg("views"), py::arg("segments"), py::arg("blocks"), py::arg("gamma"), py::arg("seeds"),
         py::arg("alpha"), py::arg("distribution"), py::call_guard<py::gil_scoped_release>());
   m.def("generate_sum", &ferret::generate_sum,
         "Generation-only roofline: sum of K bases x d elements of block 0 (no input read)", py::arg("seed"),

@@ -787,23 +787,32 @@ void check_table(const at::Tensor& t, int64_t columns, const char* name) {
 }
 
 // Everything a unit needs, checked once.
+// The block table holds one group of n_blocks rows per seed (reconstruct may replay
+// several seeds in one pass); project and basis use a single seed.
 struct Problem {
   Dist dist;
   PhiloxKey key;
+  std::vector<PhiloxKey> keys;
   std::vector<char*> data;
   std::vector<DType> dtype;
   const int64_t* seg = nullptr;
   const int64_t* blk = nullptr;
   int64_t n_seg = 0;
+  int64_t n_blocks = 0;
 
-  Problem(uint64_t seed, Dist d) : dist(d), key(seed) {}
+  Problem(const std::vector<uint64_t>& seeds, Dist d) : dist(d), key(seeds.at(0)) {
+    for (uint64_t seed : seeds) keys.emplace_back(seed);
+  }
+  int64_t n_seeds() const { return static_cast<int64_t>(keys.size()); }
   const int64_t* segment(int64_t s) const { return seg + s * kSegColumns; }
   const int64_t* block_row(int64_t b) const { return blk + b * kBlkColumns; }
+  const int64_t* block_row(int64_t seed, int64_t b) const { return block_row(seed * n_blocks + b); }
 };
 
 Problem make_problem(const std::vector<at::Tensor>& views, const at::Tensor& segments, const at::Tensor& blocks,
-                     int64_t coef_length, uint64_t seed, const std::string& distribution) {
-  Problem p(seed, parse_distribution(distribution));
+                     int64_t coef_length, const std::vector<uint64_t>& seeds, const std::string& distribution) {
+  TORCH_CHECK(!seeds.empty(), "seeds is empty: give at least one seed");
+  Problem p(seeds, parse_distribution(distribution));
   TORCH_CHECK(!views.empty(), "views is empty: give at least one tensor");
   for (size_t i = 0; i < views.size(); ++i) {
     const at::Tensor& v = views[i];
@@ -818,9 +827,13 @@ Problem make_problem(const std::vector<at::Tensor>& views, const at::Tensor& seg
   p.seg = segments.data_ptr<int64_t>();
   p.blk = blocks.data_ptr<int64_t>();
   p.n_seg = segments.size(0);
-  const int64_t n_blocks = blocks.size(0);
+  const int64_t n_rows = blocks.size(0);
+  TORCH_CHECK(n_rows % p.n_seeds() == 0, "blocks has ", n_rows, " rows, not one group of blocks per seed (",
+              p.n_seeds(), " seeds)");
+  const int64_t n_blocks = n_rows / p.n_seeds();
+  p.n_blocks = n_blocks;
   // Sums are compared as differences so that hostile values cannot overflow int64.
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  for (int64_t b = 0; b < n_rows; ++b) {
     const int64_t* r = p.block_row(b);
     TORCH_CHECK(r[kBlkCount] >= 0 && r[kBlkCount] < kMax32, "blocks[", b, "]: count must be in [0, 2**32)");
     TORCH_CHECK(r[kBlkId] >= 0 && r[kBlkId] < kMax32, "blocks[", b, "]: block id must be in [0, 2**32)");
@@ -859,7 +872,9 @@ std::vector<Unit> make_units(const Problem& p, int64_t* partial_total) {
   for (int64_t s = 0; s < p.n_seg; ++s) {
     const int64_t* r = p.segment(s);
     const int64_t count = p.block_row(r[kSegBlock])[kBlkCount];
-    if (r[kSegN] == 0 || count == 0) continue;
+    int64_t any_count = 0;
+    for (int64_t g = 0; g < p.n_seeds(); ++g) any_count = std::max(any_count, p.block_row(g, r[kSegBlock])[kBlkCount]);
+    if (r[kSegN] == 0 || any_count == 0) continue;
     const int64_t j0 = r[kSegJ0], j1 = r[kSegJ0] + r[kSegN];
     for (int64_t u = j0 - j0 % kUnit; u < j1; u += kUnit) {
       units.push_back(Unit{s, std::max(u, j0), std::min(u + kUnit, j1), partial});
@@ -943,13 +958,9 @@ void project_unit(const Problem& p, const Unit& u, int64_t kf, int64_t kc, float
   }
 }
 
+// Accumulates seed by seed (in table order), k ascending within each, then rounds once.
 void reconstruct_unit(const Problem& p, const Unit& u, const float* gamma, float alpha) {
   const int64_t* r = p.segment(u.seg);
-  const int64_t* b = p.block_row(r[kSegBlock]);
-  const uint32_t block = static_cast<uint32_t>(b[kBlkId]);
-  const uint32_t k_first = static_cast<uint32_t>(b[kBlkKBegin]);
-  const int64_t count = b[kBlkCount];
-  const float* coef = gamma + b[kBlkCoef];
   const DType dtype = p.dtype[r[kSegTensor]];
   char* seg_data = p.data[r[kSegTensor]] + r[kSegStart] * element_size(dtype);
   const int64_t j0 = r[kSegJ0];
@@ -961,12 +972,21 @@ void reconstruct_unit(const Problem& p, const Unit& u, const float* gamma, float
     const TileCalls tc = tile_calls(p.dist, ts, lo, hi);
     std::fill(acc, acc + tc.ncalls * pc, 0.0f);
     const float* result;
+    for (int64_t g = 0; g < p.n_seeds(); ++g) {
+      const int64_t* b = p.block_row(g, r[kSegBlock]);
+      const uint32_t block = static_cast<uint32_t>(b[kBlkId]);
+      const uint32_t k_first = static_cast<uint32_t>(b[kBlkKBegin]);
+      const float* coef = gamma + b[kBlkCoef];
+      if (p.dist == Dist::kGaussian) {
+        kernels::reconstruct_gaussian(p.keys[g], block, k_first, b[kBlkCount], coef, tc.call0, tc.ncalls, acc);
+      } else {
+        kernels::reconstruct_rademacher(p.keys[g], block, k_first, b[kBlkCount], coef, tc.call0, tc.ncalls, acc);
+      }
+    }
     if (p.dist == Dist::kGaussian) {
-      kernels::reconstruct_gaussian(p.key, block, k_first, count, coef, tc.call0, tc.ncalls, acc);
       kernels::interleave4(acc, tc.ncalls, flat);
       result = flat;
     } else {
-      kernels::reconstruct_rademacher(p.key, block, k_first, count, coef, tc.call0, tc.ncalls, acc);
       result = acc;
     }
     kernels::update_out(seg_data + (lo - j0) * element_size(dtype), dtype, hi - lo, result + (lo - tc.e0), alpha);
@@ -1022,7 +1042,7 @@ at::Tensor basis_rows(uint64_t seed, int64_t K, int64_t d, int64_t block, int64_
 at::Tensor project(const std::vector<at::Tensor>& views, const at::Tensor& segments, const at::Tensor& blocks,
                    int64_t total_count, uint64_t seed, const std::string& distribution) {
   TORCH_CHECK(total_count >= 0, "total_count must be >= 0; got ", total_count);
-  const Problem p = make_problem(views, segments, blocks, total_count, seed, distribution);
+  const Problem p = make_problem(views, segments, blocks, total_count, {seed}, distribution);
   int64_t n_partial = 0;
   const std::vector<Unit> units = make_units(p, &n_partial);
   std::vector<float> partial(static_cast<size_t>(n_partial));
@@ -1052,13 +1072,14 @@ at::Tensor project(const std::vector<at::Tensor>& views, const at::Tensor& segme
 }
 
 void reconstruct_(const std::vector<at::Tensor>& views, const at::Tensor& segments, const at::Tensor& blocks,
-                  const at::Tensor& gamma, uint64_t seed, double alpha, const std::string& distribution) {
+                  const at::Tensor& gamma, const std::vector<uint64_t>& seeds, double alpha,
+                  const std::string& distribution) {
   TORCH_CHECK(gamma.defined(), "gamma is undefined");
   TORCH_CHECK(gamma.device().is_cpu(), "gamma must be a CPU tensor; got ", gamma.device());
   TORCH_CHECK(gamma.scalar_type() == at::kFloat, "gamma must be float32; got ", gamma.scalar_type());
   TORCH_CHECK(gamma.dim() == 1, "gamma must be 1-D; got shape ", gamma.sizes());
   TORCH_CHECK(gamma.is_contiguous(), "gamma must be contiguous");
-  const Problem p = make_problem(views, segments, blocks, gamma.numel(), seed, distribution);
+  const Problem p = make_problem(views, segments, blocks, gamma.numel(), seeds, distribution);
   const std::vector<Unit> units = make_units(p, nullptr);
   const float* g = gamma.data_ptr<float>();
   // alpha is rounded to float32 once, as the reference's torch.tensor(alpha, float32).

@@ -23,9 +23,11 @@ at::Tensor project(const std::vector<at::Tensor>& views, const at::Tensor& segme
                       const at::Tensor& blocks, int64_t total_count, uint64_t seed,
                       const std::string& distribution);
 
+// blocks holds one group of L rows per seed; seeds are replayed in order into one
+// float32 accumulator per element, rounded into the output once.
 void reconstruct_(const std::vector<at::Tensor>& views, const at::Tensor& segments,
-                  const at::Tensor& blocks, const at::Tensor& gamma, uint64_t seed, double alpha,
-                  const std::string& distribution);
+                  const at::Tensor& blocks, const at::Tensor& gamma, const std::vector<uint64_t>& seeds,
+                  double alpha, const std::string& distribution);
 
 double generate_sum(uint64_t seed, int64_t K, int64_t d, const std::string& distribution);
 

@@ -48,9 +48,18 @@ def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], lay
                          gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
                          k_begin: list[int] | None = None) -> None:
     """In place: each segment element += alpha * sum_i gamma[coef_l + i] * v_{k_begin_l + i}."""
+    reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [k_begin])
+
+
+def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
+                      gamma: torch.Tensor, seeds: list[int], alpha: float, distribution: str,
+                      k_begins: list[list[int] | None] | None = None) -> None:
+    """In place, one pass for several seeds: layouts[g] (coefficient offsets into ``gamma``)
+    under seeds[g], accumulated seed by seed into one float32 sum, rounded once."""
     gamma = gamma.detach().to("cpu", torch.float32).contiguous()
-    _C.reconstruct_(views, _segment_table(segments), _block_table(layout, k_begin), gamma, seed, float(alpha),
-                    distribution)
+    k_begins = k_begins or [None] * len(layouts)
+    blocks = torch.cat([_block_table(lay, kb) for lay, kb in zip(layouts, k_begins, strict=True)])
+    _C.reconstruct_(views, _segment_table(segments), blocks, gamma, list(seeds), float(alpha), distribution)
 
 
 def generate_sum(seed: int, K: int, d: int, distribution: str) -> float:

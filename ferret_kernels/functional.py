@@ -161,24 +161,42 @@ def project_blocks(x: TensorOrTensors, block_sizes: Sequence[int], counts: Seque
     return impl.project_segments(views, segments, layout, seed, distribution)
 
 
-def reconstruct_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], counts: Sequence[int],
-                        gamma: torch.Tensor, seed: int, *, alpha: float = 1.0,
-                        block_ids: Sequence[int] | None = None, distribution: str = "gaussian",
-                        backend: str = "auto") -> TensorOrTensors:
+def reconstruct_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], counts: Sequence, gamma: torch.Tensor,
+                        seed: int | Sequence[int], *, alpha: float = 1.0, block_ids: Sequence[int] | None = None,
+                        distribution: str = "gaussian", backend: str = "auto") -> TensorOrTensors:
     """In place over L blocks in one launch: out_l += alpha * V_l^T gamma_l.
 
     Layout as in ``project_blocks``; gamma float32 (sum K_l,). Same accumulation
     order and bits as ``reconstruct_`` on each block.
+
+    Several seeds in one pass: ``seed`` a sequence of S seeds, ``counts`` S sequences of
+    L counts, gamma the S coefficient vectors concatenated in seed order. Every element
+    accumulates seed by seed (k ascending within each) into one float32 sum and is
+    rounded once, so replaying S clients with their own seeds reads and writes the
+    weights once.
     """
-    seed = rng.check_seed(seed)
     views = flat_views(out, "out")
     alpha = _check_alpha(alpha)
     _check_distribution(distribution)
-    layout = BlockLayout.build(block_sizes, counts, block_ids)
-    gamma = _check_gamma(gamma, layout.total_count, views[0].device)
-    segments = layout.segments([v.numel() for v in views])
+    if isinstance(seed, (list, tuple)):
+        seeds = [rng.check_seed(s) for s in seed]
+        if not seeds:
+            raise ValueError("seed is an empty sequence: give at least one seed")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError("seed repeats a seed: add the coefficients of one seed together instead")
+        if len(counts) != len(seeds) or any(isinstance(c, int) for c in counts):
+            raise ValueError(f"with {len(seeds)} seeds, counts must be {len(seeds)} sequences of per-block counts")
+    else:
+        seeds, counts = [rng.check_seed(seed)], [counts]
+    layouts, start = [], 0
+    for per_seed in counts:
+        lay = BlockLayout.build(block_sizes, per_seed, block_ids)
+        layouts.append(BlockLayout(lay.sizes, lay.counts, lay.block_ids, tuple(o + start for o in lay.coef_offsets)))
+        start += lay.total_count
+    gamma = _check_gamma(gamma, start, views[0].device)
+    segments = layouts[0].segments([v.numel() for v in views])
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution)
+    impl.reconstruct_seeds(views, segments, layouts, gamma, seeds, alpha, distribution)
     return out
 
 

@@ -50,23 +50,33 @@ def project_segments(views: list[torch.Tensor], segments: list[Segment], layout:
 def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout,
                          gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
                          k_begin: list[int] | None = None) -> None:
+    reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [k_begin])
+
+
+def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
+                      gamma: torch.Tensor, seeds: list[int], alpha: float, distribution: str,
+                      k_begins: list[list[int] | None] | None = None) -> None:
+    """Seeds in order, k ascending within each, into one float32 accumulator per element;
+    ``layouts[g].coef_offsets`` index ``gamma`` directly."""
     gamma = gamma.detach().to("cpu", torch.float32)
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
+    k_begins = k_begins or [None] * len(layouts)
     for s in segments:
-        count = layout.counts[s.block]
-        if count == 0:
+        terms = [(seed, lay, 0 if kb is None else kb[s.block])
+                 for seed, lay, kb in zip(seeds, layouts, k_begins, strict=True) if lay.counts[s.block] > 0]
+        if not terms:
             continue
-        first = 0 if k_begin is None else k_begin[s.block]
-        coef = layout.coef_offsets[s.block]
         target = views[s.tensor_index][s.start:s.start + s.n]
         for i in range(0, s.n, CHUNK):
             n = min(CHUNK, s.n - i)
             acc = torch.zeros(n, dtype=torch.float32)
-            for k0 in range(0, count, K_CHUNK):
-                kc = min(K_CHUNK, count - k0)
-                v = rng.generate(seed, layout.block_ids[s.block], first + k0, kc, s.j0 + i, n, distribution)
-                for r in range(kc):
-                    acc = acc + gamma[coef + k0 + r] * v[r]
+            for seed, lay, first in terms:
+                count, coef = lay.counts[s.block], lay.coef_offsets[s.block]
+                for k0 in range(0, count, K_CHUNK):
+                    kc = min(K_CHUNK, count - k0)
+                    v = rng.generate(seed, lay.block_ids[s.block], first + k0, kc, s.j0 + i, n, distribution)
+                    for r in range(kc):
+                        acc = acc + gamma[coef + k0 + r] * v[r]
             piece = target[i:i + n]
             updated = piece.to("cpu", torch.float32) + alpha32 * acc
             piece.copy_(rng.round_float32_to(updated, piece.dtype))

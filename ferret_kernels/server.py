@@ -6,11 +6,12 @@ by coefficient: gamma_l = sum_i w_i gamma_{i,l}, zero-padded to max_i K_{i,l}. T
 
     w <- w - server_lr * sum_g V_g^T gamma_g
 
-with one ``reconstruct_blocks_`` launch per distinct seed g, written straight into the
-parameters (alpha = -server_lr): the cost depends on the number of distinct seeds, not
-of clients. The merged coefficients form a ``GlobalUpdate``; any client holding the
-round's starting weights replays it through the same code and gets the server's new
-weights bit for bit (the kernels accumulate in a fixed order on every backend).
+in one ``reconstruct_blocks_`` launch over all distinct seeds g (each element sums its
+seeds' terms in float32 and is written once), straight into the parameters
+(alpha = -server_lr): the cost depends on the number of distinct seeds, not of clients.
+The merged coefficients form a ``GlobalUpdate``; any client holding the round's
+starting weights replays it through the same code and gets the server's new weights bit
+for bit (the kernels accumulate in a fixed order on every backend).
 
 Options: weighting by sample count or equal; a seed schedule (a fresh seed per round or
 one fixed seed); heavy-ball momentum on the merged coefficients (fixed seed only, since
@@ -85,7 +86,7 @@ class GlobalUpdate:
 
     def apply_(self, model: torch.nn.Module, *, plan: FerretPlan | None = None, round: int | None = None,
                backend: str | None = None) -> torch.nn.Module:
-        """w <- w - server_lr * sum_g V_g^T gamma_g in place, one launch per seed.
+        """w <- w - server_lr * sum_g V_g^T gamma_g in place, one launch for all seeds.
 
         Everything is checked before the first write (plan, model, coefficients,
         backend), so a refused update leaves the model untouched.
@@ -101,9 +102,9 @@ class GlobalUpdate:
         coefficients = [c.to(device) for c in self.coefficients]
         with torch.no_grad():
             live = [p.detach() for p in params]
-            for seed, counts, gamma in zip(self.seeds, self.counts, coefficients, strict=True):
-                functional.reconstruct_blocks_(live, plan.block_sizes, counts, gamma, seed, alpha=-self.server_lr,
-                                               distribution=plan.distribution, backend=name)
+            functional.reconstruct_blocks_(live, plan.block_sizes, [list(c) for c in self.counts],
+                                           torch.cat(coefficients), list(self.seeds), alpha=-self.server_lr,
+                                           distribution=plan.distribution, backend=name)
         return model
 
 

@@ -354,19 +354,23 @@ def test_raw_reconstruct_checks_gamma():
     x = [torch.zeros(10)]
     seg, blk = _tables()
     with pytest.raises(RuntimeError, match="float32"):
-        _C.reconstruct_(x, seg, blk, torch.zeros(2, dtype=torch.float64), 0, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(2, dtype=torch.float64), [0], 1.0, "gaussian")
     with pytest.raises(RuntimeError, match="coefficients"):
-        _C.reconstruct_(x, seg, blk, torch.zeros(1), 0, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(1), [0], 1.0, "gaussian")
     with pytest.raises(RuntimeError, match="1-D"):
-        _C.reconstruct_(x, seg, blk, torch.zeros(1, 2), 0, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(1, 2), [0], 1.0, "gaussian")
     with pytest.raises(RuntimeError, match="contiguous"):
-        _C.reconstruct_(x, seg, blk, torch.zeros(4)[::2], 0, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(4)[::2], [0], 1.0, "gaussian")
     with pytest.raises((TypeError, OverflowError)):
-        _C.reconstruct_(x, seg, blk, torch.zeros(2), -1, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(2), [-1], 1.0, "gaussian")
     with pytest.raises((TypeError, OverflowError)):
-        _C.reconstruct_(x, seg, blk, torch.zeros(2), 2**64, 1.0, "gaussian")
+        _C.reconstruct_(x, seg, blk, torch.zeros(2), [2**64], 1.0, "gaussian")
+    with pytest.raises(RuntimeError, match="seeds"):
+        _C.reconstruct_(x, seg, blk, torch.zeros(2), [], 1.0, "gaussian")
+    with pytest.raises(RuntimeError, match="per seed"):
+        _C.reconstruct_(x, seg, blk, torch.zeros(2), [0, 1], 1.0, "gaussian")
     x0 = x[0].clone()
-    _C.reconstruct_(x, seg, blk, torch.zeros(2), 0, 1.0, "gaussian")  # valid: adds 0 * v
+    _C.reconstruct_(x, seg, blk, torch.zeros(2), [0], 1.0, "gaussian")  # valid: adds 0 * v
     assert_bitwise(x[0], x0)
 
 

@@ -280,3 +280,38 @@ def test_bfloat16_nan_is_written_as_the_contract_says(backend_device):
     bits = got.cpu().view(torch.int16).to(torch.int32) & 0xFFFF
     assert bool((bits[::17] == 0x7FC0).all())
     assert not bool(torch.isnan(got.cpu()[1::17]).any())
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_reconstruct_several_seeds_in_one_pass(backend_device, dist):
+    backend, device = backend_device
+    sizes = [300, 7, 1000]
+    seeds = [2**64 - 1, 5, 123456789]
+    counts = [[2, 1, 3], [0, 2, 4], [1, 0, 0]]
+    gamma = torch.randn(sum(map(sum, counts)))
+    xs = [torch.randn(600).to(torch.bfloat16), torch.randn(707)]
+    flat = torch.cat([x.double() for x in xs])
+    update, coef = torch.zeros_like(flat), 0
+    for seed, per_seed in zip(seeds, counts, strict=True):
+        start = 0
+        for blk, (s, c) in enumerate(zip(sizes, per_seed, strict=True)):
+            if c:
+                update[start:start + s] += dense_basis(seed, c, s, block=blk, dist=dist).T @ gamma[coef:coef + c].double()
+            start += s
+            coef += c
+    got = [x.clone().to(device) for x in xs]
+    fk.reconstruct_blocks_(got, sizes, counts, gamma.to(device), seeds, alpha=-0.5, distribution=dist, backend=backend)
+    torch.testing.assert_close(torch.cat([g.cpu().double() for g in got]), flat - 0.5 * update, atol=2e-2, rtol=1e-2)
+    torch_out = [x.clone() for x in xs]
+    fk.reconstruct_blocks_(torch_out, sizes, counts, gamma, seeds, alpha=-0.5, distribution=dist, backend="torch")
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, torch_out, strict=True))
+
+
+def test_several_seeds_bad_input():
+    x = torch.zeros(10)
+    with pytest.raises(ValueError, match="counts"):
+        fk.reconstruct_blocks_(x, [10], [1], torch.zeros(1), [1, 2])
+    with pytest.raises(ValueError, match="repeats"):
+        fk.reconstruct_blocks_(x, [10], [[1], [1]], torch.zeros(2), [3, 3])
+    with pytest.raises(ValueError, match="gamma"):
+        fk.reconstruct_blocks_(x, [10], [[1], [2]], torch.zeros(2), [3, 4])

@@ -34,10 +34,10 @@ def _update_lane(base, i, n, acc, alpha):
     tl.store(base + i, round_float32_to(new, old.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "alpha"])
+@triton.jit(do_not_specialize=["alpha", "n_seeds", "n_blocks"])
 def _reconstruct_kernel(
     items_ptr, seg_ptr_ptr, seg_j0_ptr, seg_n_ptr, seg_block_ptr, blk_id_ptr, blk_count_ptr,
-    blk_coef_ptr, blk_kbegin_ptr, gamma_ptr, alpha, seed_lo, seed_hi,
+    blk_coef_ptr, blk_kbegin_ptr, gamma_ptr, alpha, seed_lo_ptr, seed_hi_ptr, n_seeds, n_blocks,
     OUT_DTYPE: tl.constexpr, TILE: tl.constexpr, DIST: tl.constexpr,
 ):
     item = tl.program_id(0)
@@ -47,25 +47,26 @@ def _reconstruct_kernel(
     j0 = tl.load(seg_j0_ptr + seg)
     n = tl.load(seg_n_ptr + seg)
     blk = tl.load(seg_block_ptr + seg)
-    block = tl.load(blk_id_ptr + blk).to(tl.uint32)
-    count = tl.load(blk_count_ptr + blk)
-    coef = gamma_ptr + tl.load(blk_coef_ptr + blk)
-    k_begin = tl.load(blk_kbegin_ptr + blk)
-    key0 = seed_lo.to(tl.uint32)
-    key1 = seed_hi.to(tl.uint32)
     if DIST == 0:
         call = tile_j // 4 + tl.arange(0, TILE // 4)
         acc0 = tl.zeros([TILE // 4], dtype=tl.float32)
         acc1 = tl.zeros([TILE // 4], dtype=tl.float32)
         acc2 = tl.zeros([TILE // 4], dtype=tl.float32)
         acc3 = tl.zeros([TILE // 4], dtype=tl.float32)
-        for i in range(0, count):
-            g = tl.load(coef + i)
-            z0, z1, z2, z3 = gaussian4(call, (k_begin + i).to(tl.uint32), block, key0, key1)
-            acc0 = acc0 + g * z0
-            acc1 = acc1 + g * z1
-            acc2 = acc2 + g * z2
-            acc3 = acc3 + g * z3
+        for s in range(0, n_seeds):
+            row = s * n_blocks + blk
+            block = tl.load(blk_id_ptr + row).to(tl.uint32)
+            coef = gamma_ptr + tl.load(blk_coef_ptr + row)
+            k_begin = tl.load(blk_kbegin_ptr + row)
+            key0 = tl.load(seed_lo_ptr + s).to(tl.uint32)
+            key1 = tl.load(seed_hi_ptr + s).to(tl.uint32)
+            for i in range(0, tl.load(blk_count_ptr + row)):
+                g = tl.load(coef + i)
+                z0, z1, z2, z3 = gaussian4(call, (k_begin + i).to(tl.uint32), block, key0, key1)
+                acc0 = acc0 + g * z0
+                acc1 = acc1 + g * z1
+                acc2 = acc2 + g * z2
+                acc3 = acc3 + g * z3
         i0 = call * 4 - j0
         _update_lane(base, i0, n, acc0, alpha)
         _update_lane(base, i0 + 1, n, acc1, alpha)
@@ -79,13 +80,20 @@ def _reconstruct_kernel(
         acc2 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
         acc3 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
         ones = tl.full([TILE // 128, 32], 1.0, dtype=tl.float32)
-        for i in range(0, count):
-            g = tl.load(coef + i)
-            w0, w1, w2, w3 = rademacher_words(call, (k_begin + i).to(tl.uint32), block, key0, key1)
-            acc0 = acc0 + g * signed_by_bit(ones, w0, bit)
-            acc1 = acc1 + g * signed_by_bit(ones, w1, bit)
-            acc2 = acc2 + g * signed_by_bit(ones, w2, bit)
-            acc3 = acc3 + g * signed_by_bit(ones, w3, bit)
+        for s in range(0, n_seeds):
+            row = s * n_blocks + blk
+            block = tl.load(blk_id_ptr + row).to(tl.uint32)
+            coef = gamma_ptr + tl.load(blk_coef_ptr + row)
+            k_begin = tl.load(blk_kbegin_ptr + row)
+            key0 = tl.load(seed_lo_ptr + s).to(tl.uint32)
+            key1 = tl.load(seed_hi_ptr + s).to(tl.uint32)
+            for i in range(0, tl.load(blk_count_ptr + row)):
+                g = tl.load(coef + i)
+                w0, w1, w2, w3 = rademacher_words(call, (k_begin + i).to(tl.uint32), block, key0, key1)
+                acc0 = acc0 + g * signed_by_bit(ones, w0, bit)
+                acc1 = acc1 + g * signed_by_bit(ones, w1, bit)
+                acc2 = acc2 + g * signed_by_bit(ones, w2, bit)
+                acc3 = acc3 + g * signed_by_bit(ones, w3, bit)
         i0 = (call * 128 - j0)[:, None] + bit[None, :]
         _update_lane(base, i0, n, acc0, alpha)
         _update_lane(base, i0 + 32, n, acc1, alpha)
@@ -97,12 +105,25 @@ def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], lay
                          gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
                          k_begin: list[int] | None = None) -> None:
     """In-place update for checked inputs; see dispatch.reconstruct_blocks_."""
+    reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [k_begin])
+
+
+def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
+                      gamma: torch.Tensor, seeds: list[int], alpha: float, distribution: str,
+                      k_begins: list[list[int] | None] | None = None) -> None:
+    """One launch for several seeds: layouts[g] under seeds[g], coefficient offsets into
+    ``gamma``; every element accumulates seed by seed, k ascending, and is rounded once."""
     device = views[0].device
     tables = segment_tables(views, segments, TILE)
-    blocks = block_tables(layout, device, k_begin)
-    active = np.array([i for i, s in enumerate(segments) if layout.counts[s.block] > 0], dtype=np.int64)
+    k_begins = k_begins or [None] * len(layouts)
+    per_seed = [block_tables(lay, device, kb) for lay, kb in zip(layouts, k_begins, strict=True)]
+    blocks = {name: torch.cat([t[name] for t in per_seed]) for name in per_seed[0]}
+    active = np.array([i for i, s in enumerate(segments) if any(lay.counts[s.block] > 0 for lay in layouts)],
+                      dtype=np.int64)
     if len(active) == 0:
         return
+    seed_lo = torch.tensor([s & 0xFFFFFFFF for s in seeds], dtype=torch.int64, device=device)
+    seed_hi = torch.tensor([s >> 32 for s in seeds], dtype=torch.int64, device=device)
     items = tile_items(tables, active, TILE)
     seg_dtype = np.array([str(d) for d in tables.dtype_of])[items[:, 0]]
     for dtype in set(tables.dtype_of):
@@ -111,7 +132,7 @@ def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], lay
             continue
         _reconstruct_kernel[(len(subset),)](
             subset, tables.ptr, tables.j0, tables.n, tables.block, blocks["block_id"], blocks["count"],
-            blocks["coef_offset"], blocks["k_begin"], gamma, alpha, seed & 0xFFFFFFFF, seed >> 32,
-            OUT_DTYPE=_TL_DTYPE[dtype], TILE=TILE, DIST=DIST_CODE[distribution],
+            blocks["coef_offset"], blocks["k_begin"], gamma, alpha, seed_lo, seed_hi, len(seeds),
+            len(layouts[0].sizes), OUT_DTYPE=_TL_DTYPE[dtype], TILE=TILE, DIST=DIST_CODE[distribution],
             enable_fp_fusion=False,
         )
