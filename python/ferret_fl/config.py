@@ -1,7 +1,8 @@
 """Run configuration: one dataclass, loaded from YAML and overridden by flags.
 
-Every field has the default of the embedded demo scale; the configs/ directory holds the
-paper's setups. Unknown keys are refused, so a typo never silently falls back to a default.
+Defaults follow the paper's Natural Instructions setup for Ferret (configs/ holds each of
+the paper's setups). Unknown keys are refused, so a typo never silently falls back to a
+default.
 """
 
 from __future__ import annotations
