@@ -44,13 +44,6 @@ def project_segments(views: list[torch.Tensor], segments: list[Segment], layout:
                       distribution)
 
 
-def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout,
-                         gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
-                         k_begin: list[int] | None = None) -> None:
-    """In place: each segment element += alpha * sum_i gamma[coef_l + i] * v_{k_begin_l + i}."""
-    reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [k_begin])
-
-
 def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
                       gamma: torch.Tensor, seeds: list[int], alpha: float, distribution: str,
                       k_begins: list[list[int] | None] | None = None) -> None:

@@ -122,7 +122,7 @@ def reconstruct_(out: torch.Tensor, gamma: torch.Tensor, seed: int, *, alpha: fl
     gamma = _check_gamma(gamma, K, views[0].device)
     layout, segments = _single_block(views[0].numel(), K, block, offset)
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution)
+    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution)
     return out
 
 
@@ -138,7 +138,7 @@ def perturb_(out: torch.Tensor, seed: int, k: int, alpha: float, *, block: int =
     layout, segments = _single_block(views[0].numel(), 1, block, offset)
     gamma = torch.ones(1, dtype=torch.float32, device=views[0].device)
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution, [k])
+    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [[k]])
     return out
 
 
@@ -217,5 +217,5 @@ def perturb_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], seed: int,
     gamma = torch.ones(layout.total_count, dtype=torch.float32, device=views[0].device)
     segments = layout.segments([v.numel() for v in views])
     impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_segments(views, segments, layout, gamma, seed, alpha, distribution, [k] * len(layout.sizes))
+    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [[k] * len(layout.sizes)])
     return out

@@ -2,6 +2,6 @@
 
 from .basis import basis_rows
 from .project import project_segments
-from .reconstruct import reconstruct_seeds, reconstruct_segments
+from .reconstruct import reconstruct_seeds
 
-__all__ = ["basis_rows", "project_segments", "reconstruct_seeds", "reconstruct_segments"]
+__all__ = ["basis_rows", "project_segments", "reconstruct_seeds"]

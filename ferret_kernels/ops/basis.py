@@ -54,7 +54,7 @@ def _basis_kernel(out_ptr, n, offset, n_tiles, block, k_begin, seed_lo, seed_hi,
 
 def basis_rows(seed: int, K: int, d: int, block: int, offset: int, k_begin: int, distribution: str,
                device) -> torch.Tensor:
-    """float32 (K, d) on ``device`` for checked arguments; see dispatch.basis."""
+    """float32 (K, d) on ``device`` for checked arguments; see functional.basis."""
     out = torch.empty((K, d), dtype=torch.float32, device=device)
     n_tiles = (offset + d + TILE - 1) // TILE - offset // TILE
     _basis_kernel[(K * n_tiles,)](

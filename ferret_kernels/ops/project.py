@@ -120,7 +120,7 @@ def _work_items(layout: BlockLayout, segments: list[Segment], tables) -> tuple[n
 
 def project_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout, seed: int,
                      distribution: str) -> torch.Tensor:
-    """gamma (float32, length layout.total_count) for checked inputs; see dispatch.project_blocks."""
+    """gamma (float32, length layout.total_count) for checked inputs; see functional.project_blocks."""
     device = views[0].device
     gamma = torch.zeros(layout.total_count, dtype=torch.float32, device=device)
     tables = segment_tables(views, segments, TILE)

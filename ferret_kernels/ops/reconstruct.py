@@ -34,6 +34,21 @@ def _update_lane(base, i, n, acc, alpha):
     tl.store(base + i, round_float32_to(new, old.dtype), mask=mask)
 
 
+@triton.jit
+def _seed_term(s, n_blocks, blk, blk_id_ptr, blk_count_ptr, blk_coef_ptr, blk_kbegin_ptr, gamma_ptr, seed_lo_ptr,
+               seed_hi_ptr):
+    """Seed s's row for block position blk: counter block id, coefficient pointer, first
+    basis, basis count and the two Philox key words."""
+    row = s * n_blocks + blk
+    block = tl.load(blk_id_ptr + row).to(tl.uint32)
+    coef = gamma_ptr + tl.load(blk_coef_ptr + row)
+    k_begin = tl.load(blk_kbegin_ptr + row)
+    count = tl.load(blk_count_ptr + row)
+    key0 = tl.load(seed_lo_ptr + s).to(tl.uint32)
+    key1 = tl.load(seed_hi_ptr + s).to(tl.uint32)
+    return block, coef, k_begin, count, key0, key1
+
+
 @triton.jit(do_not_specialize=["alpha", "n_seeds", "n_blocks"])
 def _reconstruct_kernel(
     items_ptr, seg_ptr_ptr, seg_j0_ptr, seg_n_ptr, seg_block_ptr, blk_id_ptr, blk_count_ptr,
@@ -54,13 +69,10 @@ def _reconstruct_kernel(
         acc2 = tl.zeros([TILE // 4], dtype=tl.float32)
         acc3 = tl.zeros([TILE // 4], dtype=tl.float32)
         for s in range(0, n_seeds):
-            row = s * n_blocks + blk
-            block = tl.load(blk_id_ptr + row).to(tl.uint32)
-            coef = gamma_ptr + tl.load(blk_coef_ptr + row)
-            k_begin = tl.load(blk_kbegin_ptr + row)
-            key0 = tl.load(seed_lo_ptr + s).to(tl.uint32)
-            key1 = tl.load(seed_hi_ptr + s).to(tl.uint32)
-            for i in range(0, tl.load(blk_count_ptr + row)):
+            block, coef, k_begin, count, key0, key1 = _seed_term(
+                s, n_blocks, blk, blk_id_ptr, blk_count_ptr, blk_coef_ptr, blk_kbegin_ptr, gamma_ptr, seed_lo_ptr,
+                seed_hi_ptr)
+            for i in range(0, count):
                 g = tl.load(coef + i)
                 z0, z1, z2, z3 = gaussian4(call, (k_begin + i).to(tl.uint32), block, key0, key1)
                 acc0 = acc0 + g * z0
@@ -81,13 +93,10 @@ def _reconstruct_kernel(
         acc3 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
         ones = tl.full([TILE // 128, 32], 1.0, dtype=tl.float32)
         for s in range(0, n_seeds):
-            row = s * n_blocks + blk
-            block = tl.load(blk_id_ptr + row).to(tl.uint32)
-            coef = gamma_ptr + tl.load(blk_coef_ptr + row)
-            k_begin = tl.load(blk_kbegin_ptr + row)
-            key0 = tl.load(seed_lo_ptr + s).to(tl.uint32)
-            key1 = tl.load(seed_hi_ptr + s).to(tl.uint32)
-            for i in range(0, tl.load(blk_count_ptr + row)):
+            block, coef, k_begin, count, key0, key1 = _seed_term(
+                s, n_blocks, blk, blk_id_ptr, blk_count_ptr, blk_coef_ptr, blk_kbegin_ptr, gamma_ptr, seed_lo_ptr,
+                seed_hi_ptr)
+            for i in range(0, count):
                 g = tl.load(coef + i)
                 w0, w1, w2, w3 = rademacher_words(call, (k_begin + i).to(tl.uint32), block, key0, key1)
                 acc0 = acc0 + g * signed_by_bit(ones, w0, bit)
@@ -99,13 +108,6 @@ def _reconstruct_kernel(
         _update_lane(base, i0 + 32, n, acc1, alpha)
         _update_lane(base, i0 + 64, n, acc2, alpha)
         _update_lane(base, i0 + 96, n, acc3, alpha)
-
-
-def reconstruct_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout,
-                         gamma: torch.Tensor, seed: int, alpha: float, distribution: str,
-                         k_begin: list[int] | None = None) -> None:
-    """In-place update for checked inputs; see dispatch.reconstruct_blocks_."""
-    reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [k_begin])
 
 
 def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
