@@ -13,13 +13,20 @@ Philox, docs/rng.md) instead of storing it:
 Each takes ``backend="auto" | "triton" | "cpu" | "torch"``.
 
 On top of them, the drop-in federated API (docs/api.md): ``FerretPlan`` (blocks,
-budget, fingerprint), ``ClientRound`` / ``ClientUpdate`` (compress a local update),
-``Aggregator`` / ``GlobalUpdate`` (merge, apply, replay), ``wire`` (safetensors bytes)
-and ``FerretCallback`` (Hugging Face Trainer).
+budget, fingerprint, weight digest), ``ClientRound`` (compress a local update),
+``ClientUpdate`` / ``GlobalUpdate`` / ``MessageError`` (the messages and their one
+refusal type, ``messages``), ``Aggregator`` (merge with bounded influence, robust
+options and ``DifferentialPrivacy``; apply), ``wire`` (canonical safetensors bytes) and
+``ferret_kernels.hooks.FerretCallback`` (Hugging Face Trainer; imports transformers, so
+it is not part of ``from ferret_kernels import *``).
+
+Imports run one way: rng, layout, digest <- plan <- messages <- client, server <- wire,
+hooks (docs/api.md).
 """
 
 from . import wire
-from .client import ClientRound, ClientUpdate
+from .client import ClientRound
+from .dp import DifferentialPrivacy
 from .functional import (
     basis,
     perturb_,
@@ -29,9 +36,10 @@ from .functional import (
     reconstruct_,
     reconstruct_blocks_,
 )
+from .messages import ClientUpdate, GlobalUpdate, MessageError
 from .plan import FerretPlan, round_seed
 from .rng import CONTRACT_VERSION, DISTRIBUTIONS, VARIANCE
-from .server import Aggregator, GlobalUpdate
+from .server import Aggregator
 from .wire import decode_client_update, decode_global_update, encode_client_update, encode_global_update
 
 __version__ = "0.1.0"
@@ -40,9 +48,10 @@ __all__ = [
     "Aggregator",
     "ClientRound",
     "ClientUpdate",
-    "FerretCallback",
+    "DifferentialPrivacy",
     "FerretPlan",
     "GlobalUpdate",
+    "MessageError",
     "decode_client_update",
     "decode_global_update",
     "encode_client_update",
@@ -63,8 +72,8 @@ __all__ = [
 
 
 def __getattr__(name):
-    # FerretCallback subclasses transformers.TrainerCallback: import it only when asked,
-    # so ferret_kernels itself never needs transformers.
+    # FerretCallback subclasses transformers.TrainerCallback: import it only when asked
+    # (it is left out of __all__, so a star import does not load transformers either).
     if name == "FerretCallback":
         from .hooks import FerretCallback
 

@@ -12,6 +12,10 @@ k = 0..K_l-1 of block l under ``seed`` in ONE ``project_blocks`` launch over the
 parameter list, and scales block l by 1/(rho K_l) (``scale="unbiased"``) so that the
 server's rebuild V^T gamma is an unbiased estimate of delta.
 
+If training raises inside ``with``, the model is put back to w_start (exactly) and the
+exception propagates; no update is made. Float buffers that must not change (the
+plan's ``frozen_buffers`` and non-persistent ones) are verified unchanged at compress.
+
 Memory: besides the model, the round holds one snapshot (d elements in the model's
 dtype, on the model's device or on ``snapshot_device``). ``compress`` writes delta into
 storage that already exists - the parameters themselves when ``restore=True`` (they
@@ -22,87 +26,12 @@ largest tensor on the model's device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from . import functional, rng
-from .plan import ALLOCATIONS, SCALES, FerretPlan
-
-
-@dataclass(frozen=True, eq=False)
-class ClientUpdate:
-    """What a client sends after a round.
-
-    round: the round whose global weights the client started from. seed: the uint64 RNG
-    seed its bases came from. counts: K_l per block (L ints >= 1, sum == plan budget);
-    block l used bases k = 0..K_l-1 of RNG block l. coefficients: float32 CPU tensor
-    (sum K_l,), block l's at sum_{m<l} K_m, already scaled (see ``scale``), so the rebuilt
-    update is sum_l V_l^T gamma_l. num_samples: local examples (for sample weighting).
-    fingerprint: the plan's. scale: "unbiased" or "paper".
-    """
-
-    round: int
-    seed: int
-    counts: tuple[int, ...]
-    coefficients: torch.Tensor
-    num_samples: int
-    fingerprint: str
-    scale: str = "unbiased"
-
-    @property
-    def budget(self) -> int:
-        return sum(self.counts)
-
-    def check(self, plan: FerretPlan, *, round: int | None = None) -> None:
-        """Raise ValueError, naming the field and the fix, unless this update fits ``plan``
-        (and ``round`` when given)."""
-        check_fingerprint(self.fingerprint, plan, "ClientUpdate")
-        check_round(self.round, round, "ClientUpdate")
-        check_uint(self.seed, "ClientUpdate.seed", 2**64)
-        check_uint(self.num_samples, "ClientUpdate.num_samples", 2**63, low=1)
-        if self.scale not in SCALES:
-            raise ValueError(f"ClientUpdate.scale is {self.scale!r}; expected one of {SCALES}")
-        if self.scale != plan.scale:
-            raise ValueError(f"ClientUpdate.scale is {self.scale!r} but the plan's is {plan.scale!r}: give client and "
-                             "server plans the same scale=")
-        counts = plan.check_counts(self.counts, what="ClientUpdate.counts")
-        check_coefficients(self.coefficients, sum(counts), "ClientUpdate.coefficients")
-
-
-def check_fingerprint(fingerprint, plan: FerretPlan, what: str) -> None:
-    if fingerprint != plan.fingerprint:
-        raise ValueError(
-            f"{what}.fingerprint {str(fingerprint)[:16]}... does not match the plan's {plan.fingerprint[:16]}...: "
-            "client and server must build the plan from the same model (parameter names, shapes, dtypes, which are "
-            f"trainable), grouping and distribution, with the same RNG contract (v{rng.CONTRACT_VERSION})"
-        )
-
-
-def check_round(value, expected: int | None, what: str) -> None:
-    check_uint(value, f"{what}.round", 2**63)
-    if expected is not None and value != expected:
-        raise ValueError(f"{what}.round is {value} but round {expected} was expected: it belongs to another round's "
-                         "weights; drop it, or resend it for the current round")
-
-
-def check_uint(value, name: str, high: int, *, low: int = 0) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
-        raise ValueError(f"{name} must be an int in [{low}, {high}); got {value!r}")
-
-
-def check_coefficients(coefficients, length: int, name: str) -> None:
-    if not isinstance(coefficients, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor; got {type(coefficients).__name__}")
-    if coefficients.dtype != torch.float32 or coefficients.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D float32 tensor; got {coefficients.dtype} of shape "
-                         f"{tuple(coefficients.shape)}")
-    if coefficients.numel() != length:
-        raise ValueError(f"{name} has {coefficients.numel()} values but the counts add up to {length}")
-    if not bool(torch.isfinite(coefficients).all()):
-        bad = int((~torch.isfinite(coefficients)).nonzero()[0, 0])
-        raise ValueError(f"{name}[{bad}] is {float(coefficients[bad])}: coefficients must be finite (a client whose "
-                         "training diverged must not send)")
+from .digest import tensors_digest
+from .messages import ClientUpdate, MessageError, check_coefficients, check_round, check_uint
+from .plan import ALLOCATIONS, FerretPlan, register_client_round
 
 
 class ClientRound:
@@ -115,7 +44,7 @@ class ClientRound:
     the round's ``GlobalUpdate`` (default); False leaves the locally trained weights, and
     delta is then formed and projected where the snapshot lives. allocation, backend:
     override the plan's (the scale is always the plan's). counts: fixed K_l instead of
-    an allocation (must sum to the budget).
+    an allocation (must sum to the budget; e.g. ``Aggregator.counts`` under DP).
     """
 
     def __init__(self, plan: FerretPlan, model: torch.nn.Module, *, round: int, seed: int, num_samples: int = 1,
@@ -123,12 +52,12 @@ class ClientRound:
                  backend: str | None = None):
         if not isinstance(plan, FerretPlan):
             raise TypeError(f"plan must be a FerretPlan; got {type(plan).__name__}")
-        check_round(round, None, "ClientRound")
+        _local(check_round, round, None, "ClientRound")
         self.plan = plan
         self.model = model
         self.round = round
         self.seed = rng.check_seed(seed)
-        check_uint(num_samples, "num_samples", 2**63, low=1)
+        _local(check_uint, num_samples, "num_samples", 2**63, low=1)
         self.num_samples = num_samples
         self.snapshot_device = None if snapshot_device is None else torch.device(snapshot_device)
         self.restore = bool(restore)
@@ -140,6 +69,7 @@ class ClientRound:
         self.update: ClientUpdate | None = None
         self._params: list[torch.Tensor] | None = None
         self._snapshot: list[torch.Tensor] | None = None
+        self._static_digest: str | None = None
 
     def begin(self) -> ClientRound:
         """Snapshot the trainable parameters (model dtype) before local training."""
@@ -148,12 +78,23 @@ class ClientRound:
         with torch.no_grad():
             self._snapshot = [p.detach().to(device=device, copy=True) for p in params]
         self._params = params
+        self._static_digest = tensors_digest([b.contiguous() for b in self.plan.static_buffers(self.model)])
         self.update = None
         return self
 
     def discard(self) -> None:
         """Drop the snapshot without compressing (the model keeps its current weights)."""
         self._snapshot = self._params = None
+
+    def restore_start(self) -> None:
+        """Put the model back to w_start exactly and drop the snapshot (what leaving the
+        ``with`` block on an exception does)."""
+        if self._snapshot is None:
+            return
+        with torch.no_grad():
+            for p, s in zip(self._params, self._snapshot, strict=True):
+                p.detach().copy_(s)
+        self.discard()
 
     def compress(self, *, num_samples: int | None = None) -> ClientUpdate:
         """delta = w_start - w_end -> ClientUpdate (coefficients float32 on the CPU).
@@ -165,7 +106,13 @@ class ClientRound:
             raise RuntimeError("no snapshot: call begin() (or enter the context) before training, then compress() "
                                "once")
         samples = self.num_samples if num_samples is None else num_samples
-        check_uint(samples, "num_samples", 2**63, low=1)
+        _local(check_uint, samples, "num_samples", 2**63, low=1)
+        static = [b.contiguous() for b in self.plan.static_buffers(self.model)]
+        if tensors_digest(static) != self._static_digest:
+            self.restore_start()
+            raise ValueError("a floating-point buffer that must stay fixed changed during local training (the plan's "
+                             "frozen_buffers, or a non-persistent buffer): peers would diverge. Keep such layers in "
+                             "eval mode (BatchNorm), or build the plan with buffers='include'")
         plan, params, snapshot = self.plan, self._params, self._snapshot
         self._snapshot = self._params = None
         with torch.no_grad():
@@ -189,9 +136,12 @@ class ClientRound:
                 # free the snapshot (or the delta held in it) before returning
                 snapshot.clear()
         gamma = gamma.cpu() * plan.coefficient_scale(counts)
-        check_coefficients(gamma, sum(counts), "coefficients")
-        self.update = ClientUpdate(self.round, self.seed, tuple(counts), gamma, samples, plan.fingerprint, plan.scale)
-        return self.update
+        _local(check_coefficients, gamma, sum(counts), "coefficients")
+        update = ClientUpdate(self.round, self.seed, tuple(counts), gamma, samples, plan.fingerprint, plan.scale)
+        # built from checked parts: mark it so the server side does not check it again
+        object.__setattr__(update, "_checked", plan.message_key)
+        self.update = update
+        return update
 
     def __enter__(self) -> ClientRound:
         return self.begin()
@@ -200,5 +150,16 @@ class ClientRound:
         if exc_type is None:
             self.compress()
         else:
-            self.discard()
+            self.restore_start()
+
+
+def _local(check, *args, **kwargs) -> None:
+    """Run a message check on a local argument: a plain ValueError (no message was refused)."""
+    try:
+        check(*args, **kwargs)
+    except MessageError as exc:
+        raise ValueError(str(exc)) from None
+
+
+register_client_round(ClientRound)
 

@@ -18,7 +18,8 @@ this module import without it.
 
 from __future__ import annotations
 
-from .client import ClientRound, ClientUpdate
+from .client import ClientRound
+from .messages import ClientUpdate
 from .plan import FerretPlan
 
 

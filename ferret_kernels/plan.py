@@ -8,7 +8,16 @@ blocks, at least one basis each, by default in proportion to the block's update 
 
 ``FerretPlan`` ties these together with everything client and server must agree on; its
 ``fingerprint`` (sha256 over parameter names, shapes, dtypes, the grouping, the block
-sizes, the distribution and the RNG contract version) travels with every message.
+sizes, the distribution, the RNG contract version and, when a model has them, which
+floating-point buffers travel or stay frozen) travels with every message.
+
+Floating-point buffers (BatchNorm running statistics, ...) are model state that training
+changes without gradients. A plan never ignores one silently: ``from_model`` refuses a
+model with persistent float buffers unless told ``buffers="include"`` (they travel in the
+update vector like parameters) or ``buffers="frozen"`` (they must not change; each client
+round verifies it, and ``digest`` covers them). Non-persistent float buffers (LLaMA's
+rotary ``inv_freq``, derived from the config) are treated as frozen: verified unchanged
+by each client round, left out of the fingerprint and the digest.
 """
 
 from __future__ import annotations
@@ -18,16 +27,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import rng
-from .layout import SUPPORTED_DTYPES, BlockLayout
-
-if TYPE_CHECKING:
-    from .client import ClientRound
+from .digest import tensors_digest
+from .layout import SUPPORTED_DTYPES, BlockLayout, Segment
 
 # The reference code's threshold: a block closes before it would pass this fraction of
 # the median tensor size.
@@ -46,6 +52,18 @@ PLAN_FORMAT = "ferret-plan/1"
 
 # Counts, sums of counts and budgets travel as 32-bit integers.
 MAX_BUDGET = 2**31 - 1
+
+# What a plan does with a model's persistent floating-point buffers (module docstring).
+BUFFER_POLICIES = ("refuse", "include", "frozen")
+
+# ``ClientRound`` (client.py) registers itself here at import, so that
+# ``plan.client_round(...)`` works while imports run one way (client imports plan).
+_client_round_class = None
+
+
+def register_client_round(cls) -> None:
+    global _client_round_class
+    _client_round_class = cls
 
 
 def paper_blocks(numels: Sequence[int]) -> list[list[int]]:
@@ -176,7 +194,9 @@ class FerretPlan:
     ``budget`` is K = sum_l K_l, the coefficients each client sends. ``allocation``,
     ``scale`` and ``backend`` are the defaults a client round uses; only ``scale`` is
     checked across peers (each update carries it) and none enters the fingerprint, which
-    covers what changes the meaning of a coefficient.
+    covers what changes the meaning of a coefficient. ``buffer_names``: the entries of
+    ``names`` that are floating-point buffers travelling like parameters (the last ones);
+    ``frozen_buffers``: persistent float buffers that must not change (module docstring).
     """
 
     names: tuple[str, ...]
@@ -188,11 +208,15 @@ class FerretPlan:
     allocation: str = "norm"
     scale: str = "unbiased"
     backend: str = "auto"
+    buffer_names: tuple[str, ...] = ()
+    frozen_buffers: tuple[str, ...] = ()
     block_sizes: tuple[int, ...] = field(init=False)
     fingerprint: str = field(init=False)
+    segments: tuple[Segment, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         names, dtypes = tuple(self.names), tuple(self.dtypes)
+        buffer_names, frozen = tuple(self.buffer_names), tuple(self.frozen_buffers)
         shapes = tuple(tuple(int(n) for n in s) for s in self.shapes)
         if not names:
             raise ValueError("the plan has no parameters: the model has no trainable (requires_grad) parameters")
@@ -211,6 +235,10 @@ class FerretPlan:
             raise ValueError(f"allocation must be one of {ALLOCATIONS}; got {self.allocation!r}")
         if self.scale not in SCALES:
             raise ValueError(f"scale must be one of {SCALES}; got {self.scale!r}")
+        if buffer_names and names[-len(buffer_names):] != buffer_names:
+            raise ValueError("buffer_names must be the last entries of names (buffers follow the parameters)")
+        if set(frozen) & set(names) or len(set(frozen)) != len(frozen):
+            raise ValueError("frozen_buffers must be distinct names that do not travel (not in names)")
         numels = [math.prod(s) for s in shapes]
         if self.grouping == "paper":
             sizes = [sum(numels[i] for i in g) for g in paper_blocks(numels)]
@@ -225,7 +253,11 @@ class FerretPlan:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "shapes", shapes)
         object.__setattr__(self, "dtypes", dtypes)
+        object.__setattr__(self, "buffer_names", buffer_names)
+        object.__setattr__(self, "frozen_buffers", frozen)
         object.__setattr__(self, "block_sizes", tuple(sizes))
+        layout = BlockLayout.build(sizes, [1] * L)
+        object.__setattr__(self, "segments", tuple(layout.segments(numels)))
         payload = {
             "format": PLAN_FORMAT,
             "contract": rng.CONTRACT_VERSION,
@@ -236,6 +268,11 @@ class FerretPlan:
             "block_sizes": sizes,
             "distribution": self.distribution,
         }
+        # only when present, so plans of buffer-free models keep their fingerprints
+        if buffer_names:
+            payload["buffers"] = list(buffer_names)
+        if frozen:
+            payload["frozen_buffers"] = list(frozen)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         object.__setattr__(self, "fingerprint", hashlib.sha256(text.encode()).hexdigest())
 
@@ -255,16 +292,38 @@ class FerretPlan:
     @classmethod
     def from_model(cls, model: torch.nn.Module, budget: int, *, grouping: str | int = "paper",
                    distribution: str = "gaussian", allocation: str = "norm", scale: str = "unbiased",
-                   backend: str = "auto") -> FerretPlan:
+                   backend: str = "auto", buffers: str = "refuse") -> FerretPlan:
         """The plan over ``model``'s trainable parameters.
 
         grouping: "paper" (the reference code's rule), "tensor" (one block per tensor) or
         an int target block size (see ``sized_blocks``). budget: K, total coefficients a
-        client sends per round, >= the number of blocks.
+        client sends per round, >= the number of blocks. buffers: what to do with
+        persistent floating-point buffers (``BUFFER_POLICIES``, module docstring).
         """
+        if buffers not in BUFFER_POLICIES:
+            raise ValueError(f"buffers must be one of {BUFFER_POLICIES}; got {buffers!r}")
         named = _trainable(model)
-        return cls.from_shapes(((n, p.shape, p.dtype) for n, p in named), budget, grouping=grouping,
-                               distribution=distribution, allocation=allocation, scale=scale, backend=backend)
+        persistent = [(n, b) for n, b, keep in _float_buffers(model) if keep]
+        if persistent and buffers == "refuse":
+            listed = ", ".join(f"{n} {tuple(b.shape)}" for n, b in persistent[:4])
+            raise ValueError(
+                f"the model has {len(persistent)} persistent floating-point buffers ({listed}"
+                f"{', ...' if len(persistent) > 4 else ''}) that training may change without gradients (BatchNorm "
+                "running statistics): peers would silently diverge. Pass buffers='include' to send their change in "
+                "the update like parameters, or buffers='frozen' if they never change in training (e.g. BatchNorm "
+                "layers kept in eval mode; every client round then verifies it)")
+        named_buffers = persistent if buffers == "include" else []
+        frozen = tuple(n for n, _ in persistent) if buffers == "frozen" else ()
+        triples = [(n, p.shape, p.dtype) for n, p in named + named_buffers]
+        return cls.from_shapes(triples, budget, grouping=grouping, distribution=distribution, allocation=allocation,
+                               scale=scale, backend=backend, buffer_names=tuple(n for n, _ in named_buffers),
+                               frozen_buffers=frozen)
+
+    @property
+    def message_key(self) -> str:
+        """Everything a message check depends on (fingerprint, budget, scale): a message
+        checked against one plan is valid for every plan with the same key."""
+        return f"{self.fingerprint}/{self.budget}/{self.scale}"
 
     @property
     def num_blocks(self) -> int:
@@ -283,22 +342,33 @@ class FerretPlan:
     def block_names(self) -> tuple[tuple[str, ...], ...]:
         """The parameters each block touches (a tensor split by an int grouping appears in
         several consecutive blocks)."""
-        layout = BlockLayout.build(self.block_sizes, [1] * self.num_blocks)
         out: list[list[str]] = [[] for _ in self.block_sizes]
-        for s in layout.segments(self.numels):
+        for s in self.segments:
             out[s.block].append(self.names[s.tensor_index])
         return tuple(tuple(names) for names in out)
 
     def parameters(self, model: torch.nn.Module) -> list[torch.Tensor]:
-        """``model``'s trainable parameters in plan order, after checking they match the
-        plan (names, shapes, dtypes, one device, contiguous). Raises ValueError otherwise."""
+        """``model``'s trainable parameters (then its travelling buffers) in plan order,
+        after checking they match the plan (names, shapes, dtypes, one device,
+        contiguous) and that every persistent float buffer is accounted for. Raises
+        ValueError otherwise."""
         named = _trainable(model)
         fix = ("build the plan from this model (FerretPlan.from_model) on every peer, with the same "
-               "parameters trainable and the same dtype")
+               "parameters trainable, the same dtype and the same buffers= policy")
+        buffers = {n: (b, keep) for n, b, keep in _float_buffers(model)}
+        loose = [n for n, (_, keep) in buffers.items()
+                 if keep and n not in self.buffer_names and n not in self.frozen_buffers]
+        if loose:
+            raise ValueError(f"the model has persistent floating-point buffers the plan does not cover ({loose[:3]}): "
+                             f"{fix}")
+        missing = [n for n in self.buffer_names + self.frozen_buffers if n not in buffers]
+        if missing:
+            raise ValueError(f"the plan names buffers the model does not have ({missing[:3]}): {fix}")
+        named = named + [(n, buffers[n][0]) for n in self.buffer_names]
         if len(named) != len(self.names):
             extra = sorted({n for n, _ in named} ^ set(self.names))[:3]
-            raise ValueError(f"the model has {len(named)} trainable parameters but the plan has {len(self.names)} "
-                             f"(differing names: {extra}): {fix}")
+            raise ValueError(f"the model has {len(named)} trainable parameters and travelling buffers but the plan "
+                             f"has {len(self.names)} (differing names: {extra}): {fix}")
         device = named[0][1].device
         for i, ((n, p), name, shape, dtype) in enumerate(zip(named, self.names, self.shapes, self.dtypes, strict=True)):
             if n != name:
@@ -315,12 +385,26 @@ class FerretPlan:
                                  "(p.data = p.data.contiguous()) before the round")
         return [p for _, p in named]
 
+    def static_buffers(self, model: torch.nn.Module) -> list[torch.Tensor]:
+        """The float buffers that must not change in a round: ``frozen_buffers`` and every
+        non-persistent float buffer, in ``named_buffers`` order."""
+        return [b for n, b, keep in _float_buffers(model) if not keep or n in self.frozen_buffers]
+
+    def digest(self, model: torch.nn.Module) -> str:
+        """Digest (``ferret_kernels.digest``) of ``model``'s plan tensors and frozen
+        persistent buffers: what a ``GlobalUpdate``'s ``start_digest`` names. Equal on
+        every peer and device that holds the same weights."""
+        frozen = {n: b for n, b, keep in _float_buffers(model) if keep and n in self.frozen_buffers}
+        return tensors_digest(self.parameters(model) + [frozen[n].contiguous() for n in self.frozen_buffers])
+
     def block_norms(self, tensors: Sequence[torch.Tensor]) -> list[float]:
         """||x_l|| per block of the vector laid out by ``tensors`` (plan order), accumulated
         in float32 per tensor piece and float64 across pieces."""
-        layout = BlockLayout.build(self.block_sizes, [1] * self.num_blocks)
         flat = [t.detach().reshape(-1) for t in tensors]
-        segments = layout.segments([t.numel() for t in flat])
+        if [t.numel() for t in flat] != list(self.numels):
+            raise ValueError(f"tensors have sizes {[t.numel() for t in flat][:4]}... but the plan's are "
+                             f"{list(self.numels)[:4]}...: pass the plan's tensors in plan order")
+        segments = self.segments
         pieces = torch.stack([torch.linalg.vector_norm(flat[s.tensor_index][s.start:s.start + s.n],
                                                        dtype=torch.float32) for s in segments])
         squares = pieces.double().cpu().square()
@@ -374,12 +458,13 @@ class FerretPlan:
                                   for d, k in zip(self.block_sizes, counts, strict=True)], dtype=torch.float64)
         return per_block[coefficient_blocks(counts)].to(torch.float32)
 
-    def client_round(self, model: torch.nn.Module, *, round: int, seed: int, **options) -> ClientRound:
-        """A ``ClientRound`` over ``model`` (see ``ferret_kernels.client``); use as a context
-        manager around local training: ``with plan.client_round(m, round=r, seed=s) as cr: ...``."""
-        from .client import ClientRound
-
-        return ClientRound(self, model, round=round, seed=seed, **options)
+    def client_round(self, model: torch.nn.Module, *, round: int, seed: int, **options):
+        """``ClientRound(plan, model, round=..., seed=..., **options)`` (``ferret_kernels.client``);
+        use as a context manager around local training:
+        ``with plan.client_round(m, round=r, seed=s) as cr: ...``."""
+        if _client_round_class is None:
+            raise RuntimeError("ferret_kernels.client is not imported: import ferret_kernels")
+        return _client_round_class(self, model, round=round, seed=seed, **options)
 
 
 def coefficient_blocks(counts: Sequence[int]) -> torch.Tensor:
@@ -392,3 +477,15 @@ def _trainable(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _float_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor, bool]]:
+    """(name, buffer, persistent) for every floating-point buffer, ``named_buffers`` order."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, b in model.named_buffers():
+        if not b.is_floating_point():
+            continue
+        owner, _, leaf = name.rpartition(".")
+        out.append((name, b, leaf not in modules[owner]._non_persistent_buffers_set))
+    return out

@@ -196,7 +196,7 @@ def test_client_round_restore_snapshot_and_errors():
         with plan.client_round(restored, round=0, seed=4) as cr:
             nudge(restored, 0)
             raise KeyError("training failed")
-    assert cr.update is None and not torch.equal(flat(restored), start)
+    assert cr.update is None and torch.equal(flat(restored), start), "an exception in `with` restores w_start"
     diverged = copy.deepcopy(model)
     cr = ClientRound(plan, diverged, round=0, seed=4).begin()
     with torch.no_grad():

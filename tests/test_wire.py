@@ -179,7 +179,7 @@ def test_well_formed_but_invalid_messages(setup):
         "counts add up": (client_metadata(update), counts, coef[:-1]),
         "int16/int32": (client_metadata(update), counts.float(), coef),
         "float32/float16/bfloat16": (client_metadata(update), counts, coef.double()),
-        "version": (client_metadata(update, version="2"), counts, coef),
+        "version": (client_metadata(update, version="1"), counts, coef),
         "RNG contract": (client_metadata(update, contract="99"), counts, coef),
         "decimal": (client_metadata(update, round="-1"), counts, coef),
         "seed": (client_metadata(update, seed=str(2**64)), counts, coef),
@@ -197,7 +197,7 @@ def test_well_formed_but_invalid_messages(setup):
 
     global_meta = {"format": wire.GLOBAL_FORMAT, "version": wire.WIRE_VERSION, "contract": str(rng.CONTRACT_VERSION),
                    "fingerprint": g.fingerprint, "round": "0", "seeds": ",".join(map(str, g.seeds)),
-                   "server_lr": "1.0"}
+                   "server_lr": "1.0", "start_digest": ""}
     gcounts = torch.tensor([list(c) for c in g.counts], dtype=torch.int16)
     gcoef = torch.cat(g.coefficients)
     bad_globals = {
