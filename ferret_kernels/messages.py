@@ -80,6 +80,8 @@ OVERFLOW_MARGIN = 2.0**-8
 # its exact value's bound.
 ACCUMULATION_ERROR = 2.0**-23
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 def wire_dtype(dtype) -> torch.dtype:
     """The coefficient dtype named by ``dtype``: a torch dtype or a name of ``WIRE_DTYPE_NAMES``."""
@@ -148,8 +150,12 @@ def check_scale(scale, plan: FerretPlan, what: str) -> None:
 
 
 def check_server_lr(server_lr, what: str) -> float:
-    if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not math.isfinite(server_lr):
-        raise MessageError(f"{what} must be a finite number; got {server_lr!r}", reason="field")
+    """``server_lr`` as a float; it must be finite in float32, the precision the kernels
+    step in (a larger value becomes an infinite alpha, and inf * 0 is NaN)."""
+    if (isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not math.isfinite(server_lr)
+            or abs(server_lr) > FLOAT32_MAX):
+        raise MessageError(f"{what} must be a number of magnitude at most {FLOAT32_MAX:.4g} (finite in float32); got "
+                           f"{server_lr!r}", reason="field")
     return float(server_lr)
 
 
@@ -235,8 +241,9 @@ class GlobalUpdate:
         check_round(self.round, round, what)
         if self._checked == plan.message_key:
             return
-        if not isinstance(self.server_lr, float) or not math.isfinite(self.server_lr):
-            raise MessageError(f"{what}.server_lr must be a finite float; got {self.server_lr!r}", reason="field")
+        if not isinstance(self.server_lr, float):
+            raise MessageError(f"{what}.server_lr must be a float; got {self.server_lr!r}", reason="field")
+        check_server_lr(self.server_lr, f"{what}.server_lr")
         if self.start_digest is not None:
             try:
                 check_digest_text(self.start_digest, f"{what}.start_digest")

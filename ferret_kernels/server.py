@@ -58,6 +58,7 @@ from .messages import (
     MessageError,
     block_l1,
     check_round,
+    check_server_lr,
     wire_dtype,
 )
 from .plan import SEED_SCHEDULES, FerretPlan, allocate, coefficient_blocks, round_seed
@@ -533,9 +534,10 @@ class Aggregator:
 
 
 def _check_lr(server_lr) -> float:
-    if isinstance(server_lr, bool) or not isinstance(server_lr, (int, float)) or not math.isfinite(server_lr):
-        raise ValueError(f"server_lr must be a finite number; got {server_lr!r}")
-    return float(server_lr)
+    try:
+        return check_server_lr(server_lr, "server_lr")
+    except MessageError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def wire_dtype_of(dtype) -> torch.dtype:

@@ -60,6 +60,7 @@ from .messages import (
     check_fingerprint,
     check_round,
     check_scale,
+    check_server_lr,
     check_uint,
     wire_dtype,
 )
@@ -268,7 +269,7 @@ def _tensor_entry(header: dict, name: str, codes: dict, dims: int, what: str, dt
             and isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
         raise _refuse(f"the {what} tensor index entry {name!r} has malformed shape or offsets: the message is "
                       "corrupted", "header")
-    if entry["dtype"] not in codes or len(shape) != dims:
+    if not isinstance(entry["dtype"], str) or entry["dtype"] not in codes or len(shape) != dims:
         raise _refuse(f"{what}.{name} must be a {dims}-D {dtype_text} tensor; got {str(entry['dtype'])[:10]} of shape "
                       f"{tuple(shape)[:4]}", "coefficients" if name == "coefficients" else "field")
     dtype = codes[entry["dtype"]]
@@ -381,8 +382,7 @@ def decode_global_update(data, plan: FerretPlan, *, round: int | None = None) ->
     except ValueError:
         raise _refuse(f"GlobalUpdate.server_lr is {metadata['server_lr'][:40]!r}, not a number: the message is "
                       "corrupted", "field") from None
-    if not math.isfinite(server_lr):
-        raise _refuse(f"GlobalUpdate.server_lr is {server_lr}: it must be finite", "field")
+    check_server_lr(server_lr, f"{what}.server_lr")
     start_digest = metadata["start_digest"] or None
     if start_digest is not None:
         try:

@@ -3,6 +3,7 @@
 
 import copy
 import json
+import time
 
 import pytest
 import torch
@@ -213,3 +214,52 @@ def test_well_formed_but_invalid_messages(setup):
         with pytest.raises(ValueError, match=field):
             decode_then_apply(data, plan, model)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_issue_9_crashes_are_refusals(setup):
+    """The inputs that used to escape as RuntimeError, OverflowError, RecursionError, or
+    take a second to refuse, now raise MessageError at once."""
+    _, plan, update, g = setup
+    data = wire.encode_client_update(update)
+    n, header = header_of(data)
+    body = data[8 + n:]
+
+    def with_header(h, body=body):
+        text = json.dumps(h, sort_keys=True, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        return len(text).to_bytes(8, "little") + text + body
+
+    zero_d = json.loads(json.dumps(header))
+    zero_d["coefficients"]["shape"] = []
+    infinity = json.dumps(header).replace(str(header["counts"]["data_offsets"][1]), "Infinity", 1)
+    deep = b'{"__metadata__":' + b"[" * 100000 + b"]" * 100000 + b"}"
+    cases = [with_header(zero_d), len(infinity).to_bytes(8, "little") + infinity.encode() + body,
+             len(deep).to_bytes(8, "little") + deep + body, wire.encode_client_update(update)[:-1] + b"\xff"]
+    for bad in cases:
+        for decode in (wire.decode_client_update, wire.decode_global_update):
+            with pytest.raises(wire.MessageError):
+                decode(bad, plan)
+    counts = torch.ones(10**6, dtype=torch.int16)
+    meta = client_metadata(update)
+    big = wire._pack(meta, {"counts": counts, "coefficients": torch.zeros(10**6)})
+    assert len(big) > 6_000_000
+    t = time.perf_counter()
+    with pytest.raises(wire.MessageError, match="blocks") as info:
+        wire.decode_client_update(big, plan)
+    assert time.perf_counter() - t < 0.05, "refused from the header, before hashing 6 MB"
+    assert info.value.reason == "field"
+
+
+def test_messages_are_safetensors_and_canonical(setup):
+    from safetensors.torch import load
+
+    _, plan, update, g = setup
+    for data, decode in [(wire.encode_client_update(update, dtype="bf16"), wire.decode_client_update),
+                         (wire.encode_global_update(g), wire.decode_global_update)]:
+        tensors = load(data)
+        assert set(tensors) == {"counts", "coefficients"}
+        n, header = header_of(data)
+        spaced = json.dumps(header).encode()
+        spaced += b" " * (-len(spaced) % 8)
+        with pytest.raises(wire.MessageError, match="canonical"):
+            decode(len(spaced).to_bytes(8, "little") + spaced + data[8 + n:], plan)
