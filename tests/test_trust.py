@@ -119,11 +119,13 @@ def test_hostile_downlink_is_refused_before_any_write(round0):
     g = agg.aggregate()
     target = copy.deepcopy(model)
     before = flat(target)
-    for server_lr in (1e308, 1e300):
-        hostile = GlobalUpdate(0, g.seeds, g.counts, g.coefficients, server_lr, g.fingerprint, plan)
-        with pytest.raises(MessageError, match="finite value") as info:
+    per_unit_lr = float(g.step_bounds().max()) / g.server_lr
+    big = tuple(c * (10 / per_unit_lr) for c in g.coefficients)  # any weight may move by 10 x server_lr
+    for server_lr, reason in [(1e308, "field"), (3e38, "overflow"), (1e38, "overflow")]:
+        hostile = GlobalUpdate(0, g.seeds, g.counts, big, server_lr, g.fingerprint, plan)
+        with pytest.raises(MessageError, match="float32|finite value") as info:
             hostile.apply_(target)
-        assert info.value.reason == "overflow"
+        assert info.value.reason == reason
         data = wire.encode_global_update(hostile)
         with pytest.raises(MessageError):
             wire.decode_global_update(data, plan).apply_(target)
