@@ -96,7 +96,7 @@ __all__ = ["Aggregator", "CLIP_MODES", "DEFAULT_MAX_STEP", "DEFAULT_SAMPLE_CAP",
 class _Entry:
     update: ClientUpdate
     weight: float | None  # explicit weight from add(), else None (weighting rule)
-    client_id: str | None
+    client_id: str | int | None
     key: str  # digest of the content: canonical merge order and duplicate detection
     scale: float  # norm-bound or DP clip factor
     l1_max: float  # max over blocks of sum_k |gamma_k|, after ``scale``
@@ -135,7 +135,7 @@ class Aggregator:
     Trust options (module docstring): max_step (None: off), sample_cap (multiple of the
     round's median declared count; None: off), max_samples (absolute cap; None: off),
     aggregation ("mean", "median", "trimmed_mean"), trim_fraction, norm_bound (bound on
-    each client's estimated update norm ||D gamma_i||, see ``estimated_norms``; None:
+    each client's estimated update norm ||D gamma_i||, see ``estimated_norm``; None:
     off), counts (fixed K_l every client must send; default under DP: the "size"
     allocation), dp (``DifferentialPrivacy`` or None).
     """
@@ -225,7 +225,7 @@ class Aggregator:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def estimated_norms(self, counts, coefficients: torch.Tensor) -> float:
+    def estimated_norm(self, counts, coefficients: torch.Tensor) -> float:
         """||D gamma|| with D_k = sqrt(rho d_l) for a basis of block l: the expected norm of
         the rebuilt update V^T gamma (rows of V have squared norm ~ rho d_l and are nearly
         orthogonal). The norm ``norm_bound`` and DP clipping bound."""
@@ -255,9 +255,21 @@ class Aggregator:
         try:
             self._pending.append(self._admit(update, weight, client_id))
         except MessageError as exc:
-            self.refusals.append({"round": self.round, "client_id": client_id, "reason": exc.reason,
-                                  "detail": str(exc)})
+            self.record_refusal(exc, client_id=client_id)
             raise
+
+    def record_refusal(self, error: MessageError, *, client_id=None) -> None:
+        """Log a refusal that happened before ``add`` (e.g. ``wire.decode_client_update``
+        raised) in this round's ``refusals``, so that ``last_report`` lists every refused
+        client with its reason. A no-op for an error already recorded (``add`` records
+        its own), so one ``except MessageError`` can call it for both."""
+        if not isinstance(error, MessageError):
+            raise TypeError(f"error must be a MessageError; got {type(error).__name__}")
+        if getattr(error, "recorded", False):
+            return
+        error.recorded = True
+        self.refusals.append({"round": self.round, "client_id": client_id, "reason": error.reason,
+                              "detail": str(error)})
 
     def _admit(self, update: ClientUpdate, weight, client_id) -> _Entry:
         update.check(self.plan, round=self.round)
@@ -280,7 +292,7 @@ class Aggregator:
         bound = self.dp.clip_norm if self.dp is not None else self.norm_bound
         scale = 1.0
         if bound is not None:
-            norm = self.estimated_norms(update.counts, update.coefficients)
+            norm = self.estimated_norm(update.counts, update.coefficients)
             scale = bound / norm if norm > bound else 1.0
         l1_max = float(block_l1(self.plan, update.counts, update.coefficients).max()) * scale
         entry = _Entry(update, None if weight is None else float(weight), client_id, key, scale, l1_max)
@@ -356,8 +368,7 @@ class Aggregator:
         # state changes only once nothing can fail, so a refused round can be retried
         for e, exc in refused:
             self._pending.remove(e)
-            self.refusals.append({"round": self.round, "client_id": e.client_id, "reason": exc.reason,
-                                  "detail": str(exc)})
+            self.record_refusal(exc, client_id=e.client_id)
         if momentum_state is not None:
             self._momentum = momentum_state
         if self.dp is not None:

@@ -382,7 +382,7 @@ def test_dp_clips_adds_calibrated_noise_and_accounts_epsilon(round0):
         agg.add(u)
     g = agg.aggregate()
     weights = agg._norm_weights(agg.counts)
-    clipped = sum(u.coefficients.double() * min(1.0, 0.5 / agg.estimated_norms(u.counts, u.coefficients))
+    clipped = sum(u.coefficients.double() * min(1.0, 0.5 / agg.estimated_norm(u.counts, u.coefficients))
                   for u in updates) / 4
     noise = (g.coefficients[0].double() - clipped) * weights * 4 / (1.0 * 0.5)
     assert 0.2 < float(noise.std()) < 2.5  # unit-variance noise in the clipped sum's space (K = 12 draws)
@@ -518,3 +518,23 @@ def test_a_decoded_update_is_checked_once(round0, monkeypatch):
     assert len(calls) == 2
     with pytest.raises(MessageError, match="finite"):
         agg.add(forged(updates[2], coefficients=torch.full_like(updates[2].coefficients, float("nan"))))
+
+
+def test_refusals_before_add_are_reported_with_the_round(round0):
+    _, plan, updates = round0
+    agg = Aggregator(plan)
+    try:
+        wire.decode_client_update(b"garbage", plan, round=0)
+    except MessageError as exc:
+        agg.record_refusal(exc, client_id="n3")
+    agg.add(updates[0], client_id="n1")
+    try:
+        agg.add(updates[0], client_id="n2")
+    except MessageError as exc:
+        agg.record_refusal(exc, client_id="n2")  # already recorded by add: not counted twice
+    agg.aggregate()
+    report = agg.last_report
+    assert report["accepted"] == 1 and report["refused"] == 2
+    assert report["refusal_reasons"] == {"truncated": 1, "duplicate": 1}
+    assert [r["client_id"] for r in report["refusals"]] == ["n3", "n2"]
+    assert agg.refusals == []
