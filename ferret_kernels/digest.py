@@ -6,11 +6,15 @@ onto another round's weights or onto another model - and is not a signature: any
 can recompute it (authenticity comes from the transport, docs/security.md).
 
 Why xxh3: the digest runs once per round on every peer, so it must cost a small
-fraction of a round. xxh3-128 hashes ~19 GB/s on one core of the project's CPU
-(SmolLM2-135M's 538 MB of float32 weights in ~28 ms; blake3 takes ~155 ms on one
-core, sha256 ~340 ms; ``benchmarks/bench_digest.py``). The bytes are read in place
-(no copy) for CPU tensors; CUDA tensors stream through one pinned host buffer of
-``CHUNK_BYTES``, so host memory stays bounded whatever the model size.
+fraction of a round. On the project's CPU xxh3-128 reads ~19 GB/s on one core; blake3
+and sha256 are several times slower (``benchmarks/bench_digest.py`` measures all three on
+SmolLM2-135M's weights, next to the apply it guards). CPU tensors are read in place (no
+copy). CUDA tensors stream through one pinned host buffer of ``CHUNK_BYTES``, so host
+memory stays bounded; every byte crosses the bus once (538 MB at ~25 GB/s would be
+~20 ms: an estimate, no GPU has measured it). Hashing on the device would avoid that
+copy, but a CPU peer and a GPU peer holding the same weights must compute the same
+digest, so the device would need the same xxh3; a CUDA xxh3 kernel is the way to drop
+the copy.
 """
 
 from __future__ import annotations

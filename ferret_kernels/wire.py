@@ -394,9 +394,16 @@ def decode_global_update(data, plan: FerretPlan, *, round: int | None = None) ->
                       f"blocks need ({len(seeds)}, {plan.num_blocks}): client and server plans differ, or the message "
                       "is corrupted", "field")
     counts_tensor = read(counts_entry)
-    counts = tuple(check_counts(plan, row, f"{what}.counts[{g}]", exact_budget=False)
-                   for g, row in enumerate(counts_tensor.tolist()))
-    sizes = [sum(c) for c in counts]
+    # vectorised: a hostile header may declare tens of thousands of seeds
+    wide = counts_tensor.to(torch.int64)
+    cap = plan.budget - plan.num_blocks + 1
+    if int(wide.min()) < 1:
+        raise _refuse(f"{what}.counts must all be >= 1 (every block gets a basis)", "field")
+    if int(wide.max()) > cap:
+        raise _refuse(f"{what}.counts has a block with {int(wide.max())} bases, more than any client can send under "
+                      f"budget {plan.budget} ({cap})", "field")
+    counts = tuple(tuple(row) for row in wide.tolist())
+    sizes = wide.sum(dim=1).tolist()
     if coef_entry[1][0] != sum(sizes):
         raise _refuse(f"GlobalUpdate.coefficients has {coef_entry[1][0]} values but the counts add up to {sum(sizes)}: "
                       "the message is corrupted", "coefficients")

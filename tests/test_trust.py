@@ -538,3 +538,17 @@ def test_refusals_before_add_are_reported_with_the_round(round0):
     assert report["refusal_reasons"] == {"truncated": 1, "duplicate": 1}
     assert [r["client_id"] for r in report["refusals"]] == ["n3", "n2"]
     assert agg.refusals == []
+
+
+def test_default_trust_options_change_no_bits_of_an_honest_round(round0):
+    """max_step, sample_cap and duplicate checks on (the defaults) vs off: the same bits."""
+    model, plan, updates = round0
+    outs = []
+    for options in ({}, {"max_step": None, "sample_cap": None}):
+        agg = Aggregator(plan, server_lr=2.0, **options)
+        for i, u in enumerate(updates):
+            agg.add(u, client_id=i)
+        server = copy.deepcopy(model)
+        g = agg.apply_(server)
+        outs.append((torch.cat(g.coefficients), flat(server)))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])

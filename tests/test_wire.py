@@ -263,3 +263,21 @@ def test_messages_are_safetensors_and_canonical(setup):
         spaced += b" " * (-len(spaced) % 8)
         with pytest.raises(wire.MessageError, match="canonical"):
             decode(len(spaced).to_bytes(8, "little") + spaced + data[8 + n:], plan)
+
+
+def test_a_downlink_with_many_seeds_decodes_in_bounded_time(setup):
+    _, plan, _, g = setup
+    G = 20000
+    meta = {"format": wire.GLOBAL_FORMAT, "version": wire.WIRE_VERSION, "contract": str(rng.CONTRACT_VERSION),
+            "fingerprint": g.fingerprint, "round": "0", "seeds": ",".join(str(s) for s in range(G)),
+            "server_lr": "1.0", "start_digest": ""}
+    counts = torch.ones(G, plan.num_blocks, dtype=torch.int16)
+    data = wire._pack(meta, {"counts": counts, "coefficients": torch.zeros(G * plan.num_blocks)})
+    t = time.perf_counter()
+    back = wire.decode_global_update(data, plan)
+    assert len(back.seeds) == G and time.perf_counter() - t < 2.0
+    counts[7, 2] = 0
+    t = time.perf_counter()
+    with pytest.raises(wire.MessageError, match=">= 1"):
+        wire.decode_global_update(wire._pack(meta, {"counts": counts, "coefficients": torch.zeros(G * 4)}), plan)
+    assert time.perf_counter() - t < 1.0
