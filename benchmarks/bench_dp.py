@@ -96,13 +96,53 @@ def ci95(values):
     return m, 1.96 * s / math.sqrt(len(values))
 
 
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = result["summary"]
+    colors = {KS[0]: "tab:blue", KS[1]: "tab:orange", KS[2]: "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in ("dp-fedavg", "ferret", "ferret-dp"):
+        for K in (KS if name != "dp-fedavg" else KS[:1]):
+            pts = [s for s in summary if s["release"] == name and s["K"] == K]
+            style = {"dp-fedavg": dict(color="black"), "ferret": dict(color=colors[K], linestyle="--"),
+                     "ferret-dp": dict(color=colors[K])}[name]
+            label = name if name == "dp-fedavg" else f"{name} K={K}"
+            for ax, metric in zip(axes, ("rel_error", "noise_norm"), strict=True):
+                if metric == "noise_norm" and name == "ferret":
+                    continue
+                ax.errorbar([s["n"] for s in pts], [s[metric] for s in pts], yerr=[s[f"{metric}_ci95"] for s in pts],
+                            marker="o", label=label, capsize=3, **style)
+    for ax, title in zip(axes, ("relative error of the released mean update",
+                                "privacy noise alone (relative norm)"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("clients per round n")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"d = {result['d']}, z = {result['z']}, epsilon = {result['epsilon']:.2f} at delta = "
+                 f"{result['delta']} per round; {result['seeds']} seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--d", type=int, default=32768)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--json")
     p.add_argument("--plot")
+    p.add_argument("--replot", help="draw --plot from a previous --json instead of measuring")
     args = p.parse_args()
+    if args.replot:
+        with open(args.replot) as f:
+            plot(json.load(f), args.plot)
+        return
     eps = epsilon([(1.0, Z)], DELTA)
     print(f"noise multiplier z = {Z}, one round, q = 1: epsilon = {eps:.3f} at delta = {DELTA} (both DP releases)")
     rows = []
@@ -134,32 +174,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for name, style in [("dp-fedavg", "k-"), ("ferret", "--"), ("ferret-dp", "-")]:
-            for K in (KS if name != "dp-fedavg" else KS[:1]):
-                pts = [s for s in summary if s["release"] == name and s["K"] == K]
-                label = name if name == "dp-fedavg" else f"{name} K={K}"
-                for ax, metric in zip(axes, ("rel_error", "noise_norm"), strict=True):
-                    ax.errorbar([s["n"] for s in pts], [s[metric] for s in pts],
-                                yerr=[s[f"{metric}_ci95"] for s in pts], fmt=style, marker="o", label=label,
-                                capsize=3)
-        for ax, title in zip(axes, ("relative error of the released mean update",
-                                    "privacy noise alone (relative norm)"), strict=True):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_xlabel("clients per round n")
-            ax.set_title(title, fontsize=10)
-            ax.grid(True, which="both", alpha=0.3)
-        axes[0].legend(fontsize=7)
-        fig.suptitle(f"d = {args.d}, z = {Z}, epsilon = {eps:.2f} at delta = {DELTA} per round; {args.seeds} seeds")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"plot: {args.plot}")
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":
