@@ -82,6 +82,9 @@ ACCUMULATION_ERROR = 2.0**-23
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
+# The largest float32 sum of coefficient times basis element a rebuild may form.
+ACCUMULATOR_LIMIT = FLOAT32_MAX * (1 - OVERFLOW_MARGIN)
+
 # Blocks whose step bound is below this fraction of their dtype's largest value are not
 # read before a write (reading costs two passes over d, ~5% of a CPU apply): only a
 # weight already within this fraction of the largest value could overflow there.
@@ -269,17 +272,23 @@ class GlobalUpdate:
             check_coefficients(coefficients, sum(counts), f"{what}.coefficients[{g}]")
         object.__setattr__(self, "_checked", plan.message_key)
 
-    def step_bounds(self, plan: FerretPlan | None = None) -> torch.Tensor:
-        """float64 (L,): the most ``apply_`` can move any weight of each block, known before
-        any write: |server_lr| * BASIS_BOUND * sum_g sum_k |gamma_{g,k}|, widened by the
-        float32 accumulation error of the terms."""
+    def accumulation_bounds(self, plan: FerretPlan | None = None) -> torch.Tensor:
+        """float64 (L,): the most |sum_g sum_k gamma_{g,k} v_k[j]| can reach in each block,
+        BASIS_BOUND * sum |gamma|, widened by the float32 accumulation error of the
+        terms. The kernels accumulate this sum in float32 before scaling by server_lr,
+        so it must be finite in float32 whatever server_lr is."""
         plan = self._plan(plan)
         l1 = torch.zeros(plan.num_blocks, dtype=torch.float64)
         terms = torch.zeros(plan.num_blocks, dtype=torch.float64)
         for counts, c in zip(self.counts, self.coefficients, strict=True):
             l1 += block_l1(plan, counts, c)
             terms += torch.tensor(counts, dtype=torch.float64)
-        return l1 * (abs(self.server_lr) * BASIS_BOUND[plan.distribution]) * (1 + (terms + 1) * ACCUMULATION_ERROR)
+        return l1 * BASIS_BOUND[plan.distribution] * (1 + (terms + 1) * ACCUMULATION_ERROR)
+
+    def step_bounds(self, plan: FerretPlan | None = None) -> torch.Tensor:
+        """float64 (L,): the most ``apply_`` can move any weight of each block, known before
+        any write: |server_lr| * ``accumulation_bounds``."""
+        return self.accumulation_bounds(plan) * abs(self.server_lr)
 
     def apply_(self, model: torch.nn.Module, *, plan: FerretPlan | None = None, round: int | None = None,
                backend: str | None = None, max_step: float | None = None,
@@ -306,7 +315,13 @@ class GlobalUpdate:
                     f"starts from ({self.start_digest[9:21]}...): it was already applied, the model is at another "
                     "round, or it is another model. Replay the missed rounds in order from the weights they start "
                     "from, or fetch the server's weights", reason="start_digest")
-        bounds = self.step_bounds(plan)
+        accumulated = self.accumulation_bounds(plan)
+        if not bool((accumulated <= ACCUMULATOR_LIMIT).all()):
+            b = int((~(accumulated <= ACCUMULATOR_LIMIT)).nonzero()[0, 0])
+            raise MessageError(f"GlobalUpdate of round {self.round} has coefficients so large in block {b} that their "
+                               f"float32 sum could overflow (bound {float(accumulated[b]):.3g}): refused before any "
+                               "write", reason="overflow")
+        bounds = accumulated * abs(self.server_lr)
         if max_step is not None and float(bounds.max()) > max_step:
             b = int(bounds.argmax())
             raise MessageError(f"GlobalUpdate of round {self.round} could move a weight of block {b} "

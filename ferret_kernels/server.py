@@ -51,6 +51,7 @@ from . import dp as dp_module
 from .digest import check_digest_text, tensors_digest
 from .dp import DifferentialPrivacy
 from .messages import (
+    ACCUMULATOR_LIMIT,
     BASIS_BOUND,
     WIRE_DTYPES,
     ClientUpdate,
@@ -83,6 +84,11 @@ CLIP_MODES = ("block", "block_exact", "piece")
 # bound measured on SmolLM2-135M rounds is in docs/security.md - and far below anything
 # that breaks a model's numerics.
 DEFAULT_MAX_STEP = 100.0
+
+# Per update, the largest BASIS_BOUND * sum |gamma| of a block admitted: far above any
+# real update, and far enough below float32's range that a round's weighted sum of
+# admitted updates (weights <= 1), with momentum, still accumulates finitely.
+CLIENT_ACCUMULATOR_LIMIT = ACCUMULATOR_LIMIT * 2.0**-20
 
 # Default cap on a declared sample count, as a multiple of the round's median: honest
 # clients rarely differ by more; a client declaring 2**62 samples weighs as 10 medians.
@@ -297,6 +303,10 @@ class Aggregator:
         l1_max = float(block_l1(self.plan, update.counts, update.coefficients).max()) * scale
         entry = _Entry(update, None if weight is None else float(weight), client_id, key, scale, l1_max)
         self._check_influence(entry, self.server_lr)
+        if not BASIS_BOUND[self.plan.distribution] * l1_max <= CLIENT_ACCUMULATOR_LIMIT:
+            raise MessageError(f"this update's coefficients (largest per-block sum |gamma| {l1_max:.3g}) are too large "
+                               "to rebuild in float32 next to other updates, whatever server_lr is: refused",
+                               reason="overflow")
         return entry
 
     def _influence(self, entry: _Entry, server_lr: float) -> float:
@@ -365,6 +375,9 @@ class Aggregator:
         update = GlobalUpdate(self.round, seeds, tuple(counts_list), tuple(wired), slr, self.plan.fingerprint,
                               self.plan, start_digest)
         update.check(self.plan)
+        if not bool((update.accumulation_bounds() <= ACCUMULATOR_LIMIT).all()):
+            raise ValueError("the merged coefficients are too large to rebuild in float32 (momentum or DP noise "
+                             "accumulated past the limit): reset_momentum() or lower the noise")
         # state changes only once nothing can fail, so a refused round can be retried
         for e, exc in refused:
             self._pending.remove(e)

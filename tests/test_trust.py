@@ -552,3 +552,19 @@ def test_default_trust_options_change_no_bits_of_an_honest_round(round0):
         g = agg.apply_(server)
         outs.append((torch.cat(g.coefficients), flat(server)))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_coefficients_too_large_for_float32_are_refused_whatever_the_server_lr(round0):
+    """The kernels sum gamma_k v_k[j] in float32 before scaling by server_lr: a tiny (or
+    zero) server_lr does not make 3e38 coefficients safe (hypothesis found inf * 0)."""
+    model, plan, updates = round0
+    huge = updates[0].coefficients.clone()
+    huge[-1] = 2.7e38
+    with pytest.raises(MessageError, match="float32") as info:
+        Aggregator(plan, server_lr=1e-30, max_step=None).add(forged(updates[0], coefficients=huge))
+    assert info.value.reason == "overflow"
+    g = GlobalUpdate(0, (1,), (updates[0].counts,), (huge,), 0.0, plan.fingerprint, plan)
+    target = copy.deepcopy(model)
+    with pytest.raises(MessageError, match="float32 sum") as info:
+        g.apply_(target)
+    assert info.value.reason == "overflow" and torch.equal(flat(target), flat(model))
