@@ -11,7 +11,9 @@ to a copy of the weights they claim to start from. The run fails unless:
 - no message takes longer than ``HANG_SECONDS`` (an alarm stops it otherwise);
 - the process's peak memory grows by less than ``MEMORY_MB``;
 - every model stays finite and no accepted client moves a weight by more than
-  ``max_step`` (checked against the largest change of each applied round).
+  ``max_step`` (checked against the largest change of each applied round);
+- a changed message is accepted only if it was re-digested (``retampered``); a mutation
+  that happens to restore the original bytes counts as ``unchanged``.
 
 Mutations (``MUTATIONS``): bit flips, byte overwrites, truncation and extension, random
 bytes, crafted headers (every JSON field replaced by hostile values, canonical form and
@@ -278,7 +280,12 @@ def run(n: int, seed: int) -> dict:
                 except MessageError as exc:
                     outcomes[name][f"{kind}:{exc.reason}"] += 1
                     continue
+                if data == source:
+                    outcomes[name][f"{kind}:unchanged"] += 1  # the mutation happened to restore every byte
+                    continue
                 outcomes[name][f"{kind}:accepted"] += 1
+                if name != "retampered":
+                    raise AssertionError("a changed message passed the digest without being re-digested")
                 stage = arena.add(update, client_id=i) if kind == "client" else arena.apply_global(update)
                 stages[stage] += 1
         except Hang:
