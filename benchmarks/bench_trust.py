@@ -64,7 +64,8 @@ def main():
         print(f"[{name}] training {CLIENTS} clients", flush=True)
         start = copy.deepcopy(model)
         agg = fk.Aggregator(plan, round=1, base_seed=7, server_lr=server_lr)
-        bare = fk.Aggregator(plan, round=1, base_seed=7, server_lr=server_lr, max_step=None, sample_cap=None)
+        bare = fk.Aggregator(plan, round=1, base_seed=7, server_lr=server_lr, max_step=None, sample_cap=None,
+                             influence_cap=None)
         influences, seconds = [], {"local": 0.0, "compress": 0.0}
         for c in range(CLIENTS):
             client = copy.deepcopy(start)

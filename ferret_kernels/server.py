@@ -23,9 +23,10 @@ reason and is recorded in ``refusals``; the round goes on with the others.
 
 - Bounded influence, on by default: an update whose worst-case effect on any weight,
   |server_lr| * BASIS_BOUND * max_l sum_k |gamma_{i,l,k}| at weight 1, exceeds
-  ``max_step`` is refused (the bound is known before any write: docs/rng.md bounds every
-  basis element). Applying a GlobalUpdate also checks that no weight can leave its
-  dtype's finite range.
+  ``max_step`` is refused at ``add`` (the bound is known before any write: docs/rng.md
+  bounds every basis element), and one exceeding ``influence_cap`` times the round's
+  median at ``aggregate``. Applying a GlobalUpdate also checks that no weight can leave
+  its dtype's finite range.
 - Declared sample counts are capped at ``sample_cap`` times the round's median (and at
   ``max_samples``); a ``client_id`` is counted once per round, an identical update once.
 - Robust merging in projected space (``robust.AGGREGATIONS``): coordinate-wise median or
@@ -80,10 +81,16 @@ WEIGHTINGS = ("samples", "equal")
 CLIP_MODES = ("block", "block_exact", "piece")
 
 # Default bound on how far one client's update can move any weight in a round (weight
-# units, worst case over the bases). Far above honest updates - the largest worst-case
-# bound measured on SmolLM2-135M rounds is in docs/security.md - and far below anything
-# that breaks a model's numerics.
-DEFAULT_MAX_STEP = 100.0
+# units, worst case over the bases). 100x the largest worst-case bound measured on honest
+# SmolLM2-135M rounds (98, AdamW lr 1e-4 x 10 steps at server_lr 10; SGD settings stay
+# near 1: benchmarks/bench_trust.py, docs/security.md), and far below anything that
+# breaks a model's numerics. The relative cap below is the tighter default defence.
+DEFAULT_MAX_STEP = 1e4
+
+# Default cap on one update's worst-case influence as a multiple of the round's median
+# (applied at aggregate, with >= 3 updates, so that the median is not the outlier's own).
+# Honest clients of a round measured within 2x of each other.
+DEFAULT_INFLUENCE_CAP = 10.0
 
 # Per update, the largest BASIS_BOUND * sum |gamma| of a block admitted: far above any
 # real update, and far enough below float32's range that a round's weighted sum of
@@ -94,8 +101,8 @@ CLIENT_ACCUMULATOR_LIMIT = ACCUMULATOR_LIMIT * 2.0**-20
 # clients rarely differ by more; a client declaring 2**62 samples weighs as 10 medians.
 DEFAULT_SAMPLE_CAP = 10.0
 
-__all__ = ["Aggregator", "CLIP_MODES", "DEFAULT_MAX_STEP", "DEFAULT_SAMPLE_CAP", "GlobalUpdate", "WEIGHTINGS",
-           "WIRE_DTYPES"]
+__all__ = ["Aggregator", "CLIP_MODES", "DEFAULT_INFLUENCE_CAP", "DEFAULT_MAX_STEP", "DEFAULT_SAMPLE_CAP",
+           "GlobalUpdate", "WEIGHTINGS", "WIRE_DTYPES"]
 
 
 @dataclass
@@ -103,7 +110,7 @@ class _Entry:
     update: ClientUpdate
     weight: float | None  # explicit weight from add(), else None (weighting rule)
     client_id: str | int | None
-    key: str  # digest of the content: canonical merge order and duplicate detection
+    key: str  # seed, samples, weight and a digest of the coefficients: merge order, duplicates
     scale: float  # norm-bound or DP clip factor
     l1_max: float  # max over blocks of sum_k |gamma_k|, after ``scale``
 
@@ -138,7 +145,8 @@ class Aggregator:
     are rounded to it before the server applies them, so clients replay bit for bit.
     backend: override the plan's.
 
-    Trust options (module docstring): max_step (None: off), sample_cap (multiple of the
+    Trust options (module docstring): max_step (None: off), influence_cap (multiple of
+    the round's median worst-case influence, from 3 updates on; None: off), sample_cap (multiple of the
     round's median declared count; None: off), max_samples (absolute cap; None: off),
     aggregation ("mean", "median", "trimmed_mean"), trim_fraction, norm_bound (bound on
     each client's estimated update norm ||D gamma_i||, see ``estimated_norm``; None:
@@ -150,6 +158,7 @@ class Aggregator:
                  weighting: str = "samples", server_lr: float = 1.0, momentum: float = 0.0,
                  clip_norm: float | None = None, clip: str = "block", wire_dtype: torch.dtype = torch.float32,
                  backend: str | None = None, max_step: float | None = DEFAULT_MAX_STEP,
+                 influence_cap: float | None = DEFAULT_INFLUENCE_CAP,
                  sample_cap: float | None = DEFAULT_SAMPLE_CAP, max_samples: int | None = None,
                  aggregation: str = "mean", trim_fraction: float = 0.1, norm_bound: float | None = None,
                  counts=None, dp: DifferentialPrivacy | None = None):
@@ -172,7 +181,7 @@ class Aggregator:
         if not 0.0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5); got {trim_fraction}")
         for name, value in [("clip_norm", clip_norm), ("max_step", max_step), ("sample_cap", sample_cap),
-                            ("norm_bound", norm_bound)]:
+                            ("norm_bound", norm_bound), ("influence_cap", influence_cap)]:
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number or None; got {value!r}")
         if sample_cap is not None and sample_cap < 1:
@@ -201,6 +210,7 @@ class Aggregator:
         self.wire_dtype = wire_dtype_of(wire_dtype)
         self.backend = plan.backend if backend is None else backend
         self.max_step = None if max_step is None else float(max_step)
+        self.influence_cap = None if influence_cap is None else float(influence_cap)
         self.sample_cap = None if sample_cap is None else float(sample_cap)
         self.max_samples = max_samples
         self.aggregation = aggregation
@@ -290,8 +300,10 @@ class Aggregator:
         if client_id is not None and any(e.client_id == client_id for e in self._pending):
             raise MessageError(f"client {client_id!r} already sent an update for round {self.round}: each client counts "
                                "once per round", reason="duplicate")
-        key = f"{update.seed}|" + tensors_digest([torch.tensor(update.counts, dtype=torch.int64),
-                                                 update.coefficients])
+        # everything the merge reads, so that equal keys mean interchangeable updates and the
+        # merge order (sorted by key) does not depend on which of two equal ones came first
+        key = f"{update.seed}|{update.num_samples}|{weight!r}|" + tensors_digest(
+            [torch.tensor(update.counts, dtype=torch.int64), update.coefficients])
         if any(e.key == key for e in self._pending):
             raise MessageError(f"this exact update was already added in round {self.round} (client "
                                f"{client_id!r}): an update counts once", reason="duplicate")
@@ -341,6 +353,17 @@ class Aggregator:
                     self._check_influence(e, slr)
                 except MessageError as exc:
                     refused.append((e, exc))
+        kept = [e for e in self._pending if all(e is not r for r, _ in refused)]
+        if self.influence_cap is not None and len(kept) >= 3:
+            median = statistics.median(self._influence(e, slr) for e in kept)
+            if median > 0:
+                for e in kept:
+                    influence = self._influence(e, slr)
+                    if influence > self.influence_cap * median:
+                        refused.append((e, MessageError(
+                            f"this update could move a weight by up to {influence:.3g}, more than influence_cap="
+                            f"{self.influence_cap:g} times the round's median ({median:.3g}): refused",
+                            reason="influence")))
         entries = sorted((e for e in self._pending if all(e is not r for r, _ in refused)), key=lambda e: e.key)
         if not entries:
             raise ValueError(f"no updates for round {self.round}: add() at least one ClientUpdate first")

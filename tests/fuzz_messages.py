@@ -210,6 +210,7 @@ class Arena:
         self.pending = 0
         self.rounds = 0
         self.largest_change = 0.0
+        self.refused_at_aggregate = 0  # influence_cap: outliers against the round's median
 
     def add(self, update, client_id) -> str:
         try:
@@ -226,6 +227,7 @@ class Arena:
             return
         before = [p.detach().clone() for p in self.server.parameters()]
         self.agg.apply_(self.server)
+        self.refused_at_aggregate += self.pending - self.agg.last_report["accepted"]
         change = max(float((p.detach() - b).abs().max()) for p, b in zip(self.server.parameters(), before, strict=True))
         check_finite(self.server, "server")
         if change > MAX_STEP * (1 + 1e-5):
@@ -306,7 +308,8 @@ def run(n: int, seed: int) -> dict:
     return {
         "messages": n, "decodes": 2 * n, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
         "slowest_message_seconds": round(slowest, 4), "peak_memory_growth_mb": round(growth_mb, 1),
-        "rounds_applied": arena.rounds, "largest_weight_change": arena.largest_change, "max_step": MAX_STEP,
+        "rounds_applied": arena.rounds, "refused_at_aggregate": arena.refused_at_aggregate,
+        "largest_weight_change": arena.largest_change, "max_step": MAX_STEP,
         "outcomes": {k: dict(sorted(v.items())) for k, v in outcomes.items()},
         "after_decode": dict(sorted(stages.items())), "failures": failures[:50], "failure_count": len(failures),
     }

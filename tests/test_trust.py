@@ -348,7 +348,7 @@ def test_robust_options_resist_a_scaled_client(round0):
     errors = {}
     for name, options in [("mean", {}), ("median", {"aggregation": "median"}),
                           ("norm_bound", {"norm_bound": 0.5})]:
-        agg = Aggregator(plan, weighting="equal", max_step=None, **options)
+        agg = Aggregator(plan, weighting="equal", max_step=None, influence_cap=None, **options)
         for u in honest + [attack]:
             agg.add(u)
         g = agg.aggregate()
@@ -541,10 +541,11 @@ def test_refusals_before_add_are_reported_with_the_round(round0):
 
 
 def test_default_trust_options_change_no_bits_of_an_honest_round(round0):
-    """max_step, sample_cap and duplicate checks on (the defaults) vs off: the same bits."""
+    """max_step, influence_cap, sample_cap and duplicate checks on (the defaults) vs off:
+    the same bits."""
     model, plan, updates = round0
     outs = []
-    for options in ({}, {"max_step": None, "sample_cap": None}):
+    for options in ({}, {"max_step": None, "sample_cap": None, "influence_cap": None}):
         agg = Aggregator(plan, server_lr=2.0, **options)
         for i, u in enumerate(updates):
             agg.add(u, client_id=i)
@@ -568,3 +569,24 @@ def test_coefficients_too_large_for_float32_are_refused_whatever_the_server_lr(r
     with pytest.raises(MessageError, match="float32 sum") as info:
         g.apply_(target)
     assert info.value.reason == "overflow" and torch.equal(flat(target), flat(model))
+
+
+def test_influence_cap_refuses_an_outlier_relative_to_the_round(round0):
+    model, plan, updates = round0
+    loud = forged(updates[3], coefficients=updates[3].coefficients * 50)  # far below max_step, 50x the others
+    agg = Aggregator(plan)
+    for i, u in enumerate(updates[:3] + [loud]):
+        agg.add(u, client_id=i)
+    assert len(agg) == 4, "admitted at add: the absolute bound does not bind"
+    g = agg.aggregate()
+    assert agg.last_report["accepted"] == 3 and agg.last_report["refusals"][0]["client_id"] == 3
+    assert agg.last_report["refusal_reasons"] == {"influence": 1}
+    honest = Aggregator(plan)
+    for u in updates[:3]:
+        honest.add(u)
+    assert torch.equal(torch.cat(g.coefficients), torch.cat(honest.aggregate().coefficients))
+    two = Aggregator(plan)  # with two updates the median could be the outlier's own: no relative cap
+    two.add(updates[0])
+    two.add(loud)
+    two.aggregate()
+    assert two.last_report["accepted"] == 2
