@@ -167,10 +167,13 @@ def check_server_lr(server_lr, what: str) -> float:
     return float(server_lr)
 
 
-def block_l1(plan: FerretPlan, counts: Sequence[int], coefficients: torch.Tensor) -> torch.Tensor:
-    """float64 (L,): sum_k |gamma_k| per block (block l's coefficients at sum_{m<l} counts[m])."""
+def block_l1(plan: FerretPlan, counts: Sequence[int], coefficients: torch.Tensor, *, repeats: int = 1) -> torch.Tensor:
+    """float64 (L,): sum_k |gamma_k| per block (block l's coefficients at sum_{m<l} counts[m]).
+    With ``repeats`` = G, ``counts`` holds G layouts one after the other (G * L entries)
+    and ``coefficients`` their concatenation: the sums are over all of them."""
+    blocks = coefficient_blocks(counts) % plan.num_blocks if repeats > 1 else coefficient_blocks(counts)
     out = torch.zeros(plan.num_blocks, dtype=torch.float64)
-    return out.index_add_(0, coefficient_blocks(counts), coefficients.double().abs())
+    return out.index_add_(0, blocks, coefficients.double().abs())
 
 
 @dataclass(frozen=True, eq=False)
@@ -278,11 +281,9 @@ class GlobalUpdate:
         terms. The kernels accumulate this sum in float32 before scaling by server_lr,
         so it must be finite in float32 whatever server_lr is."""
         plan = self._plan(plan)
-        l1 = torch.zeros(plan.num_blocks, dtype=torch.float64)
-        terms = torch.zeros(plan.num_blocks, dtype=torch.float64)
-        for counts, c in zip(self.counts, self.coefficients, strict=True):
-            l1 += block_l1(plan, counts, c)
-            terms += torch.tensor(counts, dtype=torch.float64)
+        counts = torch.tensor(self.counts, dtype=torch.int64)  # (G, L): one pass for all seeds
+        l1 = block_l1(plan, counts.reshape(-1).tolist(), torch.cat(self.coefficients), repeats=len(self.seeds))
+        terms = counts.sum(dim=0).double()
         return l1 * BASIS_BOUND[plan.distribution] * (1 + (terms + 1) * ACCUMULATION_ERROR)
 
     def step_bounds(self, plan: FerretPlan | None = None) -> torch.Tensor:
