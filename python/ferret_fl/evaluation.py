@@ -16,7 +16,9 @@ Metrics, per example, in percent (0-100):
   every (reference sentence, hypothesis sentence) pair is taken as a set of words and unioned, and
   F = 2PR / (P + R + 1e-8) with P = |union| / distinct hypothesis words, R = |union| / distinct
   reference words. An empty hypothesis, or one with no text between periods, scores 0 (the
-  reference code returns 0 where the package raises).
+  reference code returns 0 where the package raises). The reference is the example's output
+  string; the reference code decodes its tokenized target, which gives the same text up to the
+  tokenizer's round trip.
 - ``rouge_l_google``: Google's ``rouge-score`` ``rougeL`` (sentence-level LCS) with its default
   tokenizer: lower-cased, every character outside [a-z0-9] replaced by a space (so punctuation and
   non-ASCII letters vanish), no stemming; F = 2PR / (P + R) over token counts (repeats count).

@@ -47,8 +47,8 @@ from .types import ClientData, Example, FederatedDataset
 
 __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
-    "DATA_SPECS",
     "ALPACA_PROMPT_WITH_INPUT",
+    "DATA_SPECS",
     "DEFAULT_HELDOUT_TASKS",
     "DEFAULT_MAX_LENGTH",
     "DOLLY_CATEGORIES",

@@ -28,7 +28,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ni_subset")
+from .natural_instructions import NI_SUBSET_DIR
 
 # Instance License values (as written in the task files) whose terms allow redistribution and
 # commercial use: permissive licences, public-domain dedications and CC share-alike (which binds
@@ -237,7 +237,7 @@ def _readme(source_readme: str, kept, dropped) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(files: dict[str, str], target: str = SHIPPED_DIR) -> None:
+def write(files: dict[str, str], target: str = NI_SUBSET_DIR) -> None:
     """Replace ``target`` with exactly ``files`` (stale task files of an earlier build are removed)."""
     tasks_dir = os.path.join(target, "tasks")
     if os.path.isdir(tasks_dir):
@@ -254,7 +254,7 @@ def write(files: dict[str, str], target: str = SHIPPED_DIR) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", required=True, help="directory with train.jsonl, dev.jsonl and README.md")
-    parser.add_argument("--target", default=SHIPPED_DIR, help="output directory (default: the package's ni_subset/)")
+    parser.add_argument("--target", default=NI_SUBSET_DIR, help="output directory (default: the package's ni_subset/)")
     args = parser.parse_args(argv)
     files = build(args.source)
     write(files, args.target)
