@@ -18,12 +18,13 @@ With few seeds (5 is typical), a percentile interval from resampling 5 values is
 bootstrap's variance is (S-1)/S of the unbiased one and its tails are normal where they should
 be Student-t with S-1 degrees of freedom. In a simulation of 5 seeds x 13 tasks x 16 examples with
 the seed effect dominant, the plain crossed percentile interval covered the truth 81% of the time.
-So the interval is expanded (never shrunk) about the estimate until its half-width reaches
-t(df) * SE, where SE^2 = S/(S-1) Var_seeds + T/(T-1) Var_tasks is built from the seed-only and
-task-only bootstrap variances and df is Welch-Satterthwaite's. In that simulation the result
-covered 95-99% in every regime (seed-, task- or noise-dominated); it is conservative when the
-seed x task interaction dominates, as the crossed bootstrap is (Owen 2007). Every interval is a
-deterministic function of the data and ``seed``.
+So each end of the interval is the farther of the crossed percentile end and estimate -+ t(df) * SE,
+where SE^2 = S/(S-1) Var_seeds + T/(T-1) Var_tasks comes from the seed-only and task-only
+bootstrap variances (bias-corrected) and df is Welch-Satterthwaite's. In simulations (5 seeds x 13
+tasks x 16 examples, 1000-2000 trials per regime) this covered 93-99.7% in every regime (seed-,
+task- or noise-dominated; about 95% where seeds dominate); it is conservative when the seed x
+task interaction or per-example noise dominates, as the crossed bootstrap is (Owen 2007). Every
+interval is a deterministic function of the data and ``seed``.
 """
 
 from __future__ import annotations
@@ -172,21 +173,14 @@ def _cells(values: np.ndarray, unit_index: np.ndarray, n_units: int) -> np.ndarr
     return sums
 
 
-@dataclass(frozen=True)
-class _Design:
-    seeds: int
-    units: int
-    counts: np.ndarray  # examples per unit, [U]
-    unit: str
-
-
-def _replicate_means(cells: np.ndarray, design: _Design, seed_weights: np.ndarray, unit_weights: np.ndarray) -> np.ndarray:
-    """Mean score of every replicate [B] from multiplicity weights [B, S] and [B, U]; a row with
-    S = 1 (a deterministic baseline) is shared by every seed."""
+def _replicate_means(cells: np.ndarray, counts: np.ndarray, seed_weights: np.ndarray, unit_weights: np.ndarray) -> np.ndarray:
+    """Mean score of every replicate [B] from cell sums [S, U], examples per unit [U] and
+    multiplicity weights [B, S] and [B, U]; a row with S = 1 (a deterministic baseline) is shared
+    by every seed."""
     if cells.shape[0] == 1:
-        return (unit_weights @ cells[0]) / (unit_weights @ design.counts)
+        return (unit_weights @ cells[0]) / (unit_weights @ counts)
     total = np.einsum("bs,su,bu->b", seed_weights, cells, unit_weights)
-    return total / (seed_weights.sum(1) * (unit_weights @ design.counts))
+    return total / (seed_weights.sum(1) * (unit_weights @ counts))
 
 
 def _weights(rng: np.random.Generator, size: int, replicates: int, resample: bool) -> np.ndarray:
@@ -197,7 +191,8 @@ def _weights(rng: np.random.Generator, size: int, replicates: int, resample: boo
 
 def _bootstrap(statistic, rows: Sequence[np.ndarray], tasks, confidence: float, replicates: int, seed: int,
                ratio: bool = False) -> Estimate:
-    """Expanded crossed percentile interval of ``statistic(means of rows)`` (see the module docstring)."""
+    """Crossed percentile interval of ``statistic(means of rows)``, widened to the small-sample t
+    interval where that is wider (see the module docstring)."""
     if not 0.5 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0.5, 1); got {confidence}")
     if replicates < 100:
@@ -210,7 +205,7 @@ def _bootstrap(statistic, rows: Sequence[np.ndarray], tasks, confidence: float, 
         raise ValueError(f"paired comparisons need the same seeds for every method; got seed counts {sorted(seed_counts)}")
     n_seeds = seed_counts.pop() if seed_counts else 1
     unit_index, n_units, unit = _units(tasks, n)
-    design = _Design(n_seeds, n_units, np.bincount(unit_index, minlength=n_units).astype(np.float64), unit)
+    counts = np.bincount(unit_index, minlength=n_units).astype(np.float64)
     cells = [_cells(row, unit_index, n_units) for row in rows]
     point = statistic(*[row.mean() for row in rows])
 
@@ -220,7 +215,7 @@ def _bootstrap(statistic, rows: Sequence[np.ndarray], tasks, confidence: float, 
         seed_weights = _weights(rng, n_seeds, replicates, by_seed)
         unit_weights = _weights(rng, n_units, replicates, by_unit)
         with np.errstate(divide="ignore", invalid="ignore"):
-            draws[name] = statistic(*[_replicate_means(c, design, seed_weights, unit_weights) for c in cells])
+            draws[name] = statistic(*[_replicate_means(c, counts, seed_weights, unit_weights) for c in cells])
     alpha = 1.0 - confidence
     crossed = draws["crossed"]
     if ratio and (not math.isfinite(point) or np.mean(~np.isfinite(crossed)) > alpha / 2):
@@ -264,8 +259,9 @@ def gain_ratio(scores_method, scores_reference, scores_baseline, tasks=None, *, 
     as a fraction of FedAvg's, with its bootstrap interval.
 
     scores_method, scores_reference: [S, N] with the same seeds. scores_baseline: [N] or [S, N].
-    The interval is (-inf, inf) (``unbounded``) when more than (1 - confidence)/2 of the
-    replicates have no positive reference gain: then the ratio is not estimable from these runs.
+    The interval is (-inf, inf) (``unbounded``) when the reference gain is not positive or more
+    than (1 - confidence)/2 of the replicates have no positive reference gain: then the ratio is
+    not estimable from these runs; fewer such replicates can still leave one end infinite.
     """
     rows = [_as_matrix(scores_method, "scores_method"), _as_matrix(scores_reference, "scores_reference"),
             _as_matrix(scores_baseline, "scores_baseline")]
