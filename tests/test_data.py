@@ -20,6 +20,7 @@ from ferret_fl.data import (
     DEFAULT_HELDOUT_TASKS,
     DOLLY_CATEGORIES,
     IGNORE_INDEX,
+    NI_SUBSET_DIR,
     TASKS,
     Collator,
     Example,
@@ -30,9 +31,12 @@ from ferret_fl.data import (
     eval_cap,
     format_prompt,
     generate_instances,
+    load_data,
     load_dolly,
     load_natural_instructions,
+    load_ni_subset,
     load_synthetic,
+    ni_subset_build,
     number_to_words,
     read_dolly_jsonl,
     read_task,
@@ -42,8 +46,15 @@ from ferret_fl.data import (
 )
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOLLY = os.path.join(FIXTURES, "dolly_sample.jsonl")
 NI_ROOT = os.path.join(FIXTURES, "natural_instructions")
+# The curated upstream subset the shipped files are built from: shared/ lies beside the checkout
+# (CI, main) or beside its parent (a worktree under wt/).
+NI_SUBSET_SOURCE = next(
+    (path for up in (1, 2) if os.path.isdir(path := os.path.join(REPO, *[".."] * up, "shared", "data", "ni-subset"))),
+    "",
+)
 
 
 def _dolly_rows():
@@ -349,3 +360,108 @@ def test_synthetic_targets_short_and_determined_by_input():
         for _ in range(500):
             text, answer = task.generate(rng)
             assert answers.setdefault(text, answer) == answer
+
+
+# ---- shipped NI subset and the data spec ------------------------------------------------------
+
+
+def test_ni_subset_loads_through_the_ni_loader():
+    fed = load_ni_subset()
+    assert fed.name == "ni-subset"
+    assert fed.num_clients == 26 and fed.client_sizes == [24] * 26
+    assert [c.name for c in fed.clients] == read_task_list_names("train_tasks.txt")
+    assert fed.eval_tasks == tuple(read_task_list_names("test_tasks.txt")) and len(fed.eval_tasks) == 13
+    assert [len(v) for v in fed.eval_examples_by_task().values()] == [16] * 13
+    assert set(fed.train_tasks).isdisjoint(fed.eval_tasks)
+    for ex in fed.eval_examples + tuple(ex for c in fed.clients for ex in c.examples):
+        assert ex.instruction and ex.output and len(ex.input) < 1024
+    assert load_ni_subset() == fed  # no seed: the same data for every run
+
+
+def read_task_list_names(split_file):
+    with open(os.path.join(NI_SUBSET_DIR, "splits", "default", split_file), encoding="utf-8") as reader:
+        return reader.read().split()
+
+
+def test_ni_subset_ships_only_redistributable_licences():
+    names = read_task_list_names("train_tasks.txt") + read_task_list_names("test_tasks.txt")
+    assert sorted(os.listdir(os.path.join(NI_SUBSET_DIR, "tasks"))) == sorted(f"{n}.json" for n in names)
+    for name in names:
+        with open(os.path.join(NI_SUBSET_DIR, "tasks", f"{name}.json"), encoding="utf-8") as reader:
+            licences = json.load(reader)["Instance License"]
+        assert len(licences) == 1 and ni_subset_build.licence_decision(licences[0])[0], name
+    with open(os.path.join(NI_SUBSET_DIR, "README.md"), encoding="utf-8") as reader:
+        notice = reader.read()
+    assert "not covered by ferret-kernels' MIT licence" in notice and "Apache-2.0" in notice
+    assert all(name in notice for name in names)
+
+
+def test_licence_filter_classifies_every_value_or_refuses():
+    assert ni_subset_build.licence_decision("CC BY-SA 4.0") == (True, "attribution, share-alike")
+    assert ni_subset_build.licence_decision("OANC")[0]
+    assert ni_subset_build.licence_decision("Unknown") == (False, "no licence grant")
+    assert not ni_subset_build.licence_decision("CC BY-NC-SA 4.0")[0]
+    with pytest.raises(ValueError, match="not classified"):
+        ni_subset_build.licence_decision("Custom research licence")
+
+
+def _write_source(directory, licences):
+    rows = {"train": [], "dev": []}
+    table = {"train": [], "dev": []}
+    commit = "ab" * 20
+    for i, (split, licence) in enumerate(licences):
+        name = f"task{i:03d}_demo"
+        table[split].append(f"| {len(table[split]) + 1} | {name} | Demo | 1 | {commit[:8]} | {licence} |")
+        for k in range(3):
+            rows[split].append({"task": name, "definition": f"Do {i}.", "input": f"in {k}", "output": f"out {k}",
+                                "id": f"{name}-{k}", "category": "Demo"})
+    readme = ["# subset", "## Commits read", f"- task files: `{commit}`", "## Selection rule (deterministic)", "- demo",
+              "## TRAIN tasks (selection order)", "| # | task | category | pages read | file commit | Instance License |",
+              "|---|---|---|---|---|---|", *table["train"], "## DEV tasks (selection order)",
+              "| # | task | category | pages read | file commit | Instance License |", "|---|---|---|---|---|---|",
+              *table["dev"]]
+    (directory / "README.md").write_text("\n".join(readme) + "\n", encoding="utf-8")
+    for split in ("train", "dev"):
+        text = "".join(json.dumps(row) + "\n" for row in rows[split])
+        (directory / f"{split}.jsonl").write_text(text, encoding="utf-8")
+
+
+def test_ni_subset_build_filters_and_round_trips_through_the_loader(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "shipped"
+    source.mkdir()
+    _write_source(source, [("train", "MIT"), ("train", "Unknown"), ("train", "CC BY 4.0"), ("dev", "CC BY-NC 4.0"),
+                           ("dev", "Apache 2.0")])
+    files = ni_subset_build.build(str(source))
+    ni_subset_build.write(files, str(target))
+    assert files["splits/default/train_tasks.txt"] == "task000_demo\ntask002_demo\n"
+    assert files["splits/default/test_tasks.txt"] == "task004_demo\n"
+    assert "task001_demo | Unknown | no licence grant" in files["README.md"]
+    fed = load_natural_instructions(str(target), min_instances=1, train_fraction=1.0, eval_min_instances=3)
+    assert fed.client_sizes == [3, 3] and fed.eval_tasks == ("task004_demo",)
+    assert fed.clients[0].examples[1] == Example("Do 0.", "in 1", "out 1", "task000_demo")
+    _write_source(source, [("train", "MIT"), ("dev", "Some new licence")])
+    with pytest.raises(ValueError, match="Some new licence"):
+        ni_subset_build.build(str(source))
+
+
+@pytest.mark.skipif(not NI_SUBSET_SOURCE, reason="the upstream subset (shared/data/ni-subset) is absent")
+def test_shipped_ni_subset_is_what_the_build_script_writes():
+    files = ni_subset_build.build(NI_SUBSET_SOURCE)
+    for relative, text in files.items():
+        with open(os.path.join(NI_SUBSET_DIR, relative), encoding="utf-8") as reader:
+            assert reader.read() == text, relative
+
+
+def test_load_data_dispatches_every_spec(monkeypatch):
+    assert load_data("ni-subset") == load_ni_subset()
+    assert load_data("synthetic", seed=3) == load_synthetic(seed=3)
+    assert load_data(f"dolly:{DOLLY}", seed=5, num_clients=3) == load_dolly(DOLLY, num_clients=3, seed=5)
+    assert load_data(f"ni:{NI_ROOT}", seed=1) == load_natural_instructions(NI_ROOT, seed=1)
+    calls = []
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: calls.append(a)
+                                                                        or _dolly_rows()))
+    assert load_data("dolly", num_clients=3, seed=5) == load_dolly(DOLLY, num_clients=3, seed=5)
+    assert calls == [("databricks/databricks-dolly-15k",)]
+    for bad in ("ni", "ni:", "dolly:", "nisubset", "Synthetic", ""):
+        with pytest.raises(ValueError, match="data"):
+            load_data(bad)

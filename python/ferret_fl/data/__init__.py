@@ -1,8 +1,8 @@
-"""Federated instruction-tuning data: Dolly-15K, Natural Instructions v2.8 and an offline
-synthetic NI-style benchmark, all returned as a :class:`FederatedDataset`, plus Alpaca
-prompts, masked tokenization and collation.
+"""Federated instruction-tuning data: Dolly-15K, Natural Instructions v2.8, the shipped
+Super-NaturalInstructions subset and an offline synthetic NI-style benchmark, all returned as a
+:class:`FederatedDataset`, plus Alpaca prompts, masked tokenization and collation.
 
-    fed = load_synthetic(seed=0)                      # or load_dolly(...), load_natural_instructions(...)
+    fed = load_data("ni-subset")                      # or "synthetic", "dolly[:file]", "ni:<dir>"
     client = fed.clients[0]                           # ClientData(name, examples)
     items = tokenize_examples(client.examples, tokenizer, max_length=1024)
     loader = DataLoader(items, batch_size=4, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id))
@@ -10,7 +10,14 @@ prompts, masked tokenization and collation.
 """
 
 from .dolly import DOLLY_CATEGORIES, DOLLY_HUB_ID, category_codes, load_dolly, read_dolly_hub, read_dolly_jsonl
-from .natural_instructions import eval_cap, load_natural_instructions, read_task, read_task_list
+from .natural_instructions import (
+    NI_SUBSET_DIR,
+    eval_cap,
+    load_natural_instructions,
+    load_ni_subset,
+    read_task,
+    read_task_list,
+)
 from .partition import dirichlet_label_split, named_rng
 from .prompts import (
     ALPACA_PROMPT_NO_INPUT,
@@ -26,6 +33,7 @@ from .prompts import (
     tokenize_examples,
     tokenize_prompt,
 )
+from .spec import DATA_SPECS, load_data
 from .synthetic import (
     DEFAULT_HELDOUT_TASKS,
     TASKS,
@@ -40,11 +48,13 @@ from .types import ClientData, Example, FederatedDataset
 __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
+    "DATA_SPECS",
     "DEFAULT_HELDOUT_TASKS",
     "DEFAULT_MAX_LENGTH",
     "DOLLY_CATEGORIES",
     "DOLLY_HUB_ID",
     "IGNORE_INDEX",
+    "NI_SUBSET_DIR",
     "TASKS",
     "TASKS_BY_NAME",
     "ClientData",
@@ -60,8 +70,10 @@ __all__ = [
     "eval_cap",
     "format_prompt",
     "generate_instances",
+    "load_data",
     "load_dolly",
     "load_natural_instructions",
+    "load_ni_subset",
     "load_synthetic",
     "named_rng",
     "number_to_words",

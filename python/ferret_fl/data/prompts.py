@@ -24,6 +24,8 @@ DEFAULT_MAX_LENGTH = 1024
 
 # Stanford Alpaca's two templates, verbatim (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT); the
 # target follows "### Response:" directly, with no separator, as in Alpaca and the Ferret code.
+# The Ferret code's NI loader uses the with-input template verbatim; its Dolly loader (from
+# FederatedScope) ends the preamble with "Write a response for the task request." instead.
 ALPACA_PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"

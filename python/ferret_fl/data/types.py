@@ -46,7 +46,7 @@ class ClientData:
 class FederatedDataset:
     """Clients for training plus held-out data for evaluation.
 
-    name: which source built it ("dolly", "natural_instructions", "synthetic").
+    name: which source built it ("dolly", "natural_instructions", "ni-subset", "synthetic").
     clients: one entry per client, N = len(clients); client i is ``clients[i]``.
     eval_examples: examples of tasks (or categories) no client trains on: the paper's metric
         (Rouge-L on unseen tasks). Concatenated over ``eval_tasks``, task by task.
