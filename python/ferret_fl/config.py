@@ -31,9 +31,10 @@ from ferret_kernels.rng import DISTRIBUTIONS
 from ferret_kernels.server import CLIP_MODES, WEIGHTINGS
 from ferret_kernels.wire import DTYPES as WIRE_DTYPES
 
+from .models import DTYPES as MODEL_DTYPES
+
 ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit")
 OPTIMIZERS = ("sgd", "adamw")
-MODEL_DTYPES = ("float32", "fp32", "bfloat16", "bf16")
 
 
 def setting(default, help: str):
@@ -140,7 +141,7 @@ class RunConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm": ALGORITHMS,
     "optimizer": OPTIMIZERS,
-    "dtype": MODEL_DTYPES,
+    "dtype": tuple(MODEL_DTYPES),
     "weighting": tuple(WEIGHTINGS),
     "distribution": tuple(DISTRIBUTIONS),
     "allocation": tuple(ALLOCATIONS),

@@ -152,9 +152,6 @@ class ServerRole:
         """Restore ``state_dict`` output; checked first, nothing changes on a bad dict."""
         self._round = load_round(state, self.name, set())
 
-    def trainable(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-        return trainable(model)
-
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     """(name, parameter) of the parameters an algorithm trains, in model order."""
