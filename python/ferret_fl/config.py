@@ -173,6 +173,8 @@ def coerce(name: str, value: Any) -> Any:
     if nullable and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", ""))):
         return None
     try:
+        if isinstance(value, bool) and typ in (int, float):
+            raise ValueError
         if typ is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
