@@ -1,0 +1,441 @@
+"""The server side of the Flower app: one strategy that drives any algorithm's ServerRole.
+
+``FerretFlowerStrategy`` subclasses Flower's ``FedAvg`` and keeps, for the whole run:
+the server role (Ferret's holds the run's one ``Aggregator``), the server's copy of the
+model, every encoded GlobalUpdate (``downlinks``, also on disk), the digest of the
+weights after each round (``digests``), and what it knows of each node: its partition
+and the last round it reached (``nodes``).
+
+A round, as the simulation runs it (``simulation.run``), over Flower messages:
+
+- ``configure_train``: new nodes are asked their partition and cache (a ``query``
+  message); the round's clients are sampled exactly as the simulation samples them
+  (``simulation.sample_clients``) and each goes to the node hosting its partition, with
+  the GlobalUpdates that node has not applied (catch-up by replay, never the model).
+- ``aggregate_train``: replies are matched to the messages they answer (a node's death
+  is reported by the SuperLink, from another source id); a reply whose status, digest
+  or fields are wrong is refused and logged, as is an upload the server role refuses;
+  the others are aggregated in client order, so the order replies arrive in does not
+  matter. The server applies the downlink, records the digest, evaluates, writes the
+  metrics row (``metrics.py``, the simulation's schema) and checkpoints.
+- ``configure_evaluate`` / ``aggregate_evaluate`` (after the last round): every node
+  catches up to the final weights and proves it with its digest.
+
+Nodes that do not answer within the round's timeout are left out of the round and of
+later ones until they reconnect (a restarted SuperNode registers as a new node and
+catches up on its first message).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Result
+from flwr.supercore import log
+
+from .. import checkpoint, metrics
+from ..algorithms import build_server
+from ..config import RunConfig, as_dict
+from ..simulation import Evaluator, _check_resumable, check_divergence, load_dataset, peak_memory_bytes, sample_clients
+from . import protocol
+from .peer import build_model, weights_digest
+from .settings import AppSettings, run_key
+
+# Per-round engine records (bytes each node sent and received, catch-up, refusals).
+FLOWER_FILE = "flower.jsonl"
+DOWNLINKS_DIR = "downlinks"
+# How often the server looks for nodes while it waits for min-nodes.
+POLL_SECONDS = 1.0
+
+
+@dataclass
+class NodeRecord:
+    """What the server knows of a node: its partition and the rounds it has applied."""
+
+    partition: int
+    partitions: int
+    round: int  # rounds applied; the weights its next round starts from are digests[round]
+    since: float  # when it answered its query (the newest node of a partition is its host)
+
+
+def _downlink_path(output_dir: str, round_index: int) -> str:
+    return os.path.join(output_dir, DOWNLINKS_DIR, f"round-{round_index:06d}.bin")
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class FerretFlowerStrategy(FedAvg):
+    """Any ferret-fl algorithm (``cfg.algorithm``) on Flower's Message API; see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, app: AppSettings, *, log_fn: Callable[[str], None] | None = None):
+        super().__init__(fraction_train=cfg.clients_per_round if cfg.clients_per_round <= 1 else 1.0,
+                         fraction_evaluate=1.0, min_train_nodes=1, min_evaluate_nodes=0,
+                         min_available_nodes=app.min_nodes, weighted_by_key=protocol.NUM_SAMPLES)
+        self.cfg, self.app = cfg.validate(), app
+        self.say = log_fn or (lambda text: log(INFO, text))
+        self.run_key = run_key(cfg)
+        self.dataset = load_dataset(cfg)
+        self.model, tokenizer = build_model(cfg)
+        self.server = build_server(cfg, self.model)
+        self.evaluator = Evaluator(cfg, self.dataset, tokenizer)
+        self.downlinks: list[bytes] = []
+        self.digests: list[str] = [weights_digest(self.model)]
+        self.nodes: dict[int, NodeRecord] = {}
+        self.silent: set[int] = set()
+        self.rows: list[dict] = []
+        self.engine_rows: list[dict] = []
+        self._sent: dict[str, tuple[int, list[int]]] = {}
+        self._messages: list[Message] = []
+        self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoint")
+        os.makedirs(os.path.join(cfg.output_dir, DOWNLINKS_DIR), exist_ok=True)
+
+    # ---- run state -------------------------------------------------------------------
+
+    def restore(self) -> bool:
+        """Continue the checkpointed run in ``output_dir`` (False: there is none)."""
+        if not checkpoint.exists(self.ckpt_dir):
+            return False
+        _check_resumable(self.ckpt_dir, self.cfg)
+        tensors, state = checkpoint.load(self.ckpt_dir, self.model)
+        self.server.load_state_dict(tensors)
+        done = int(state["round"])
+        digests = state.get("digests")
+        if not isinstance(digests, list) or len(digests) != done + 1:
+            raise ValueError(f"{self.ckpt_dir} was not written by the Flower app (no digest per round): resume it "
+                             "with `ferret-fl run --resume`, or start afresh in a new output-dir")
+        if digests[-1] != weights_digest(self.model):
+            raise ValueError(f"{self.ckpt_dir}: the weights do not match the digest recorded for round {done}")
+        downlinks = []
+        for r in range(1, done + 1):
+            with open(_downlink_path(self.cfg.output_dir, r), "rb") as f:
+                downlinks.append(f.read())
+        self.digests, self.downlinks = digests, downlinks
+        self.rows = metrics.read(self.cfg.output_dir, done)
+        self.engine_rows = [r for r in self._read_engine_rows() if r["round"] <= done]
+        self.say(f"resuming {self.cfg.algorithm} after round {done} from {self.ckpt_dir}")
+        return True
+
+    def _read_engine_rows(self) -> list[dict]:
+        path = os.path.join(self.cfg.output_dir, FLOWER_FILE)
+        if not os.path.isfile(path):
+            return []
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _write_engine_rows(self) -> None:
+        path = os.path.join(self.cfg.output_dir, FLOWER_FILE)
+        _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.engine_rows).encode())
+
+    # ---- nodes -----------------------------------------------------------------------
+
+    def _message(self, node_id: int, message_type: str, values: dict, group: int) -> Message:
+        values = {protocol.RUN_KEY: self.run_key, **values}
+        return Message(RecordDict({protocol.RECORD: ConfigRecord(values)}), dst_node_id=node_id,
+                       message_type=message_type, group_id=str(group), ttl=self.app.round_timeout)
+
+    def refresh_nodes(self, grid: Grid, timeout: float) -> None:
+        """Forget nodes the SuperLink no longer lists; ask new ones their partition and cache."""
+        listed = set(grid.get_node_ids())
+        for gone in set(self.nodes) - listed:
+            del self.nodes[gone]
+        self.silent &= listed
+        new = sorted(listed - set(self.nodes) - self.silent)
+        if not new:
+            return
+        queries = [self._message(n, MessageType.QUERY, {}, 0) for n in new]
+        replies = grid.send_and_receive(queries, timeout=timeout)
+        sent = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
+        answered = set()
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id)
+            if node is None:
+                continue
+            answered.add(node)
+            if reply.has_error():
+                self.say(f"node {node} did not answer its query: {reply.error.reason}")
+                self.silent.add(node)
+                continue
+            self._register(node, reply.content[protocol.RECORD])
+        for node in set(new) - answered:
+            self.say(f"node {node} did not answer its query within {timeout:.0f} s: left out until it reconnects")
+            self.silent.add(node)
+
+    def _register(self, node: int, hello: ConfigRecord) -> None:
+        partition, partitions = int(hello[protocol.PARTITION]), int(hello[protocol.PARTITIONS])
+        known = {r.partitions for r in self.nodes.values()}
+        if known and partitions not in known:
+            self.say(f"node {node} says num-partitions={partitions} but the other nodes say {sorted(known)}: left out")
+            self.silent.add(node)
+            return
+        cached, digest = int(hello[protocol.ROUND]), str(hello[protocol.DIGEST])
+        # a cache the server can vouch for is replayed from; anything else starts over from round 1
+        applied = cached if 0 <= cached < len(self.digests) and self.digests[cached] == digest else 0
+        self.nodes[node] = NodeRecord(partition, partitions, applied, time.monotonic())
+        self.say(f"node {node}: partition {partition} of {partitions}, cache at round {cached}"
+                 + ("" if applied == cached else " (not this run's weights: it replays from round 1)"))
+
+    def wait_for_nodes(self, grid: Grid) -> None:
+        """Block until min-nodes nodes answered (connect-timeout, then RuntimeError)."""
+        deadline = time.monotonic() + self.app.connect_timeout
+        while True:
+            self.refresh_nodes(grid, timeout=self.app.connect_timeout)
+            if len(self.nodes) >= self.app.min_nodes:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(self.nodes)} nodes answered within connect-timeout="
+                                   f"{self.app.connect_timeout:g} s; min-nodes={self.app.min_nodes}: start more "
+                                   "SuperNodes or lower min-nodes")
+            time.sleep(POLL_SECONDS)
+
+    def host(self, client: int) -> int | None:
+        """The node training ``client``: the newest node of its partition."""
+        hosts = [(r.since, n) for n, r in self.nodes.items() if client % r.partitions == r.partition]
+        return max(hosts)[1] if hosts else None
+
+    def _forget(self, node: int, alive: bool) -> None:
+        """After a failed message: ask again next round (``alive``), or leave the node out."""
+        self.nodes.pop(node, None)
+        if not alive:
+            self.silent.add(node)
+
+    def _catch_up(self, node: int, target: int) -> dict:
+        start = self.nodes[node].round + 1
+        return {protocol.TARGET: target, protocol.REPLAY_FROM: start, protocol.REPLAY: self.downlinks[start - 1:target],
+                protocol.DIGEST: self.digests[target]}
+
+    # ---- Flower's strategy hooks -------------------------------------------------------
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The round's clients (sampled as the simulation samples them), one message per hosting node."""
+        self.refresh_nodes(grid, timeout=self.app.round_timeout)
+        announcement = self.server.announce(server_round)
+        by_node: dict[int, list[int]] = {}
+        self._unhosted = []
+        for c in sample_clients(self.cfg, server_round, self.dataset.num_clients):
+            node = self.host(c)
+            if node is None:
+                self._unhosted.append(c)
+            else:
+                by_node.setdefault(node, []).append(c)
+        if self._unhosted:
+            self.say(f"round {server_round}: no connected node hosts clients {self._unhosted}: they sit this round out")
+        self._messages = [self._message(node, MessageType.TRAIN, {**announcement.as_config(), protocol.CLIENTS: clients,
+                                                                  **self._catch_up(node, server_round - 1)},
+                                        server_round)
+                          for node, clients in sorted(by_node.items())]
+        self._assignment = dict(sorted(by_node.items()))
+        self._traffic = {m.metadata.dst_node_id: {"bytes_to_node": protocol.message_bytes(m),
+                                                  "replay_bytes": sum(len(b) for b in m.content[protocol.RECORD][
+                                                      protocol.REPLAY])} for m in self._messages}
+        return self._messages
+
+    def _map_replies(self, replies: Iterable[Message]) -> tuple[dict[int, Message], set[int]]:
+        """{node: reply} for the messages of ``self._messages``, and the nodes that did not answer."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._messages}
+        got: dict[int, Message] = {}
+        for reply in replies:
+            node = sent.get(reply.metadata.reply_to_message_id)
+            if node is not None:
+                got[node] = reply
+        return got, set(sent.values()) - set(got)
+
+    def _check_reply(self, node: int, reply: Message, target: int, refusals: list[dict]) -> ConfigRecord | None:
+        """The reply's record if the node is at the round's weights; else None, with the
+        refusal logged and the server's record of the node corrected."""
+        def refuse(reason: str, detail: str) -> None:
+            refusals.append({"round": target + 1, "node_id": node, "reason": reason, "detail": detail})
+            self.say(f"round {target + 1}: node {node} refused ({reason}): {detail}")
+
+        if reply.has_error():
+            alive = reply.metadata.src_node_id == node  # else the SuperLink reports the node gone
+            refuse("error", f"{reply.error.reason} (code {reply.error.code})")
+            self._forget(node, alive)
+            return None
+        try:
+            answer = reply.content[protocol.RECORD]
+            status, cached, digest = str(answer[protocol.STATUS]), int(answer[protocol.ROUND]), str(answer[protocol.DIGEST])
+        except (KeyError, TypeError, ValueError) as exc:
+            refuse("malformed", f"the reply lacks {exc}")
+            self._forget(node, alive=True)
+            return None
+        record = self.nodes.get(node)
+        if status == protocol.RESYNC:
+            refuse("resync", str(answer.get(protocol.DETAIL, "")))
+            if record is not None:
+                record.round = cached if 0 <= cached <= target else 0
+            return None
+        if status != protocol.OK or cached != target or digest != self.digests[target]:
+            what = answer.get(protocol.DETAIL, "") or f"status {status!r}, round {cached}, digest {digest}"
+            refuse("digest", f"{what}; the server's weights after round {target} are {self.digests[target]}")
+            if record is not None:
+                record.round = 0  # next time it rebuilds from the initial weights and replays every round
+            return None
+        if record is not None:
+            record.round = target
+        return answer
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the uploads (client order), apply, evaluate, record, checkpoint."""
+        r, target = server_round, server_round - 1
+        refusals: list[dict] = []
+        got, missing = self._map_replies(replies)
+        for node in sorted(missing):
+            refusals.append({"round": r, "node_id": node, "reason": "timeout",
+                             "detail": f"no reply within round-timeout={self.app.round_timeout:g} s"})
+            self.say(f"round {r}: node {node} did not answer within {self.app.round_timeout:g} s: left out until it "
+                     "reconnects")
+            self._forget(node, alive=False)
+        uploads: dict[int, tuple[bytes, float]] = {}
+        seconds = dict.fromkeys(metrics.PHASES, 0.0)
+        traffic = []
+        for node, reply in sorted(got.items()):
+            entry = {"node_id": node, "clients": self._assignment[node], **self._traffic[node],
+                     "bytes_from_node": protocol.message_bytes(reply)}
+            answer = self._check_reply(node, reply, target, refusals)
+            if answer is None:
+                traffic.append(entry)
+                continue
+            entry["replayed"] = int(answer.get(protocol.REPLAYED, 0))
+            traffic.append(entry)
+            try:
+                rows = list(zip(answer[protocol.CLIENT_IDS], answer[protocol.UPLOADS], answer[protocol.TRAIN_LOSSES],
+                                strict=True))
+            except (KeyError, ValueError) as exc:
+                refusals.append({"round": r, "node_id": node, "reason": "malformed", "detail": str(exc)})
+                continue
+            for client, payload, loss in rows:
+                if client not in self._assignment[node] or client in uploads:
+                    refusals.append({"round": r, "node_id": node, "client_id": client, "reason": "client",
+                                     "detail": f"client {client} was not asked of node {node} this round"})
+                    continue
+                uploads[int(client)] = (bytes(payload), float(loss))
+            seconds["local"] += float(answer.get(protocol.SECONDS_LOCAL, 0.0))
+            seconds["compress"] += float(answer.get(protocol.SECONDS_COMPRESS, 0.0))
+        clients = sorted(uploads)
+        t = time.perf_counter()
+        try:
+            downlink = self.server.aggregate(r, [uploads[c][0] for c in clients], client_ids=clients,
+                                             skip_refused=True)
+        except ValueError as exc:
+            self._write_round_log(r, traffic, refusals + self.server.refusals)
+            raise RuntimeError(f"round {r}: no upload to aggregate ({exc}); the checkpoint holds round {r - 1}: "
+                               "resume when nodes are back (resume=true)") from exc
+        seconds["aggregate"] = time.perf_counter() - t
+        for refused in self.server.refusals:
+            self.say(f"round {r}: client {refused['client_id']} refused ({refused['reason']}): {refused['detail']}")
+        refused_ids = {x["client_id"] for x in self.server.refusals}
+        accepted = [c for c in clients if c not in refused_ids]
+        t = time.perf_counter()
+        self.server.apply_(self.model, downlink, r)
+        seconds["apply"] = time.perf_counter() - t
+        self.digests.append(weights_digest(self.model))
+        self.downlinks.append(downlink)
+        _write_atomic(_downlink_path(self.cfg.output_dir, r), downlink)
+        row = self._evaluate(r, accepted, [uploads[c][1] for c in accepted], [len(uploads[c][0]) for c in accepted],
+                             len(downlink), seconds)
+        self._write_round_log(r, traffic, refusals + self.server.refusals)
+        check_divergence(self.cfg, self.rows[:-1], row)
+        checkpoint.save(self.ckpt_dir, self.model, self.server.state_dict(),
+                        {"round": r, "config": as_dict(self.cfg), "digests": self.digests})
+        return None, MetricRecord({"train-loss": row["train_loss"], "eval-loss": row["eval_loss"],
+                                   "clients": len(accepted), "refused": len(refusals) + len(self.server.refusals)})
+
+    def _evaluate(self, r: int, clients: list[int], losses: list[float], upload_sizes: list[int], downlink_size: int,
+                  seconds: dict[str, float]) -> dict:
+        t = time.perf_counter()
+        loss = self.evaluator.loss(self.model)
+        rouge = None
+        if math.isfinite(loss) and (r == self.cfg.rounds or (self.cfg.eval_every > 0 and r % self.cfg.eval_every == 0)):
+            rouge = self.evaluator.rouge(self.model)
+        seconds["evaluation"] = time.perf_counter() - t
+        row = metrics.round_row(r, self.cfg.algorithm, clients=clients, train_losses=losses, eval_loss=loss,
+                                upload_sizes=upload_sizes, downlink_size=downlink_size, previous=self.rows[-1],
+                                seconds=seconds, peak_memory_bytes=peak_memory_bytes(self.cfg.device), rouge_l=rouge)
+        self.rows.append(row)
+        metrics.write(self.cfg.output_dir, self.rows)
+        self.say(f"round {r}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}"
+                 + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else "")
+                 + f", clients {clients}, up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
+        return row
+
+    def _write_round_log(self, r: int, traffic: list[dict], refusals: list[dict]) -> None:
+        self.engine_rows = [x for x in self.engine_rows if x["round"] != r]
+        self.engine_rows.append({"round": r, "nodes": traffic, "refusals": refusals, "unhosted": self._unhosted,
+                                 "digest": self.digests[-1] if len(self.digests) > r else None})
+        self._write_engine_rows()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """After the last round: every node catches up to the final weights."""
+        if server_round != self.cfg.rounds:
+            return []
+        self.refresh_nodes(grid, timeout=self.app.round_timeout)
+        self._messages = [self._message(n, MessageType.EVALUATE, self._catch_up(n, server_round), server_round)
+                          for n in sorted(self.nodes) if self.nodes[n].round != server_round]
+        return self._messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """How many nodes proved the final weights; the others are logged (and resent from round 1 next time)."""
+        got, missing = self._map_replies(replies)
+        refusals: list[dict] = []
+        in_sync = []
+        for node in sorted(missing):
+            self.say(f"sync: node {node} did not answer within {self.app.round_timeout:g} s")
+            self._forget(node, alive=False)
+        for node, reply in sorted(got.items()):
+            if self._check_reply(node, reply, server_round, refusals) is not None:
+                in_sync.append(node)
+        self.say(f"sync after round {server_round}: {len(in_sync)} of {len(got) + len(missing)} nodes hold the final "
+                 f"weights (digest {self.digests[server_round]})")
+        self.engine_rows.append({"round": server_round, "sync": True, "in_sync": in_sync, "refusals": refusals,
+                                 "missing": sorted(missing), "digest": self.digests[server_round]})
+        self._write_engine_rows()
+        return MetricRecord({"nodes-in-sync": len(in_sync), "nodes": len(got) + len(missing)})
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float | None = None, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        """Run (or, after ``restore``, continue) the rounds up to ``cfg.rounds``, then sync the nodes.
+
+        Flower's ``start`` always begins at round 1 and ships arrays; here the round comes
+        from the server role (a resumed run continues) and the weights never travel."""
+        rounds = self.cfg.rounds if num_rounds is None else num_rounds
+        timeout = self.app.round_timeout if timeout is None else timeout
+        result = Result()
+        if not self.rows:
+            t = time.perf_counter()
+            loss, rouge = self.evaluator.loss(self.model), self.evaluator.rouge(self.model)
+            self.rows = [metrics.initial_row(self.cfg.algorithm, loss, rouge, time.perf_counter() - t)]
+            metrics.write(self.cfg.output_dir, self.rows)
+            self.say(f"round 0: eval loss {loss:.4f}, Rouge-L {rouge:.2f}")
+        self.wait_for_nodes(grid)
+        for r in range(self.server.round, rounds + 1):
+            t = time.perf_counter()
+            messages = list(self.configure_train(r, ArrayRecord(), train_config or ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            _, result.train_metrics_clientapp[r] = self.aggregate_train(r, replies)
+            self.engine_rows[-1]["round_seconds"] = time.perf_counter() - t
+            self._write_engine_rows()
+        for _ in range(2):  # a node refused at the first sync is sent every round again
+            messages = list(self.configure_evaluate(rounds, ArrayRecord(), evaluate_config or ConfigRecord(), grid))
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            synced = self.aggregate_evaluate(rounds, replies)
+            result.evaluate_metrics_clientapp[rounds] = synced
+            if synced["nodes-in-sync"] == synced["nodes"]:
+                break
+        return result
