@@ -5,6 +5,7 @@
     ferret-fl run ... --resume                 # continue the run in --output-dir
     ferret-fl demo                             # SmolLM2-135M, offline benchmark, Ferret vs FedAvg vs FedKSeed
     ferret-fl report runs/a runs/b --plot runs/compare.png
+    ferret-fl flower-local --nodes 2 ...       # the same run on Flower: SuperLink + 2 SuperNodes on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -116,6 +117,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_flower_local(args) -> int:
+    from .flower import launcher
+
+    cfg = config.load(args.config, _overrides(args))
+    workdir = args.workdir or os.path.join(cfg.output_dir, "flower")
+    outcome = launcher.run_local(cfg, nodes=args.nodes, engine=args.engine, workdir=workdir, resume=args.resume,
+                                 round_timeout=args.round_timeout, timeout=args.timeout)
+    if not outcome.completed:
+        print(f"ferret-fl: the Flower run {outcome.run_id} ended {outcome.status}; logs in {workdir}", file=sys.stderr)
+        return 4
+    print(report.compare([cfg.output_dir]))
+    return 0
+
+
 def cmd_report(args) -> int:
     print(report.compare(args.run_dirs))
     if args.plot:
@@ -137,6 +152,17 @@ def main(argv=None) -> int:
     demo.add_argument("--resume", action="store_true")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=cmd_demo)
+    fl = sub.add_parser("flower-local", help="the run on Flower: a SuperLink and N SuperNodes (or N simulated "
+                                             "nodes) on 127.0.0.1, stopped when the run ends")
+    _add_run_flags(fl)
+    fl.add_argument("--nodes", type=int, default=2, help="nodes; node i trains the clients c with c %% nodes == i")
+    fl.add_argument("--engine", choices=("deployment", "simulation"), default="deployment")
+    fl.add_argument("--workdir", help="logs, FLWR_HOME and node caches (default: <output-dir>/flower; keep it to "
+                                      "--resume)")
+    fl.add_argument("--round-timeout", type=float, default=600.0,
+                    help="seconds a round waits for a node before going on without it")
+    fl.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds before the whole run is stopped")
+    fl.set_defaults(fn=cmd_flower_local)
     rep = sub.add_parser("report", help="comparison table (and plot) from output directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--plot", help="write a PNG here")

@@ -14,6 +14,7 @@ connection config there and never rewrites this project's pyproject.toml).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -70,6 +71,35 @@ def _bin(name: str) -> str:
     """A console script of this environment (next to the running Python)."""
     path = os.path.join(os.path.dirname(sys.executable), name)
     return path if os.path.exists(path) else name
+
+
+def project_dir() -> str:
+    """The directory whose pyproject.toml declares the app (``[tool.flwr.app]``): this checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        with open(os.path.join(root, "pyproject.toml")) as f:
+            if "[tool.flwr.app]" in f.read():
+                return root
+    except OSError:
+        pass
+    raise FileNotFoundError(f"no pyproject.toml with [tool.flwr.app] at {root}: run from a checkout of ferret-kernels "
+                            "installed with `pip install -e .[flower]`")
+
+
+def run_local(cfg, *, nodes: int, engine: str, workdir: str, resume: bool = False, round_timeout: float = 600.0,
+              timeout: float = 24 * 3600.0, log=print) -> RunOutcome:
+    """``cfg`` on a LocalFederation of ``nodes`` nodes: started, run, checked, stopped.
+    Node caches live in ``workdir`` (keep it to resume)."""
+    from .settings import as_run_config
+
+    cfg = dataclasses.replace(cfg, output_dir=os.path.abspath(cfg.output_dir))
+    with LocalFederation(workdir, nodes, engine, log=log) as fed:
+        run_config = {**as_run_config(cfg), "resume": resume, "cache-dir": fed.cache_dir, "min-nodes": nodes,
+                      "round-timeout": float(round_timeout)}
+        outcome = fed.run_app(run_config, timeout)
+        if not outcome.completed:
+            log(fed.run_log(outcome.run_id)[-4000:])
+    return outcome
 
 
 @dataclass
@@ -147,8 +177,6 @@ class LocalFederation:
     def _write_connection(self) -> None:
         lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
                  f'address = "127.0.0.1:{self.port}"', "insecure = true"]
-        if self.engine == "simulation":
-            lines += ["", f"[superlink.{CONNECTION}.options]", f"num-supernodes = {self.num_nodes}"]
         with open(os.path.join(self.home, "config.toml"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
@@ -222,7 +250,9 @@ class LocalFederation:
         path = os.path.join(self.workdir, f"run-config-{time.monotonic_ns()}.toml")
         with open(path, "w") as f:
             f.write(toml_lines(run_config))
-        out = self._flwr("run", os.path.abspath(app_dir), CONNECTION, "--run-config", path, "--format", "json")
+        federation = ["--federation-config", f"num-supernodes={self.num_nodes}"] if self.engine == "simulation" else []
+        out = self._flwr("run", os.path.abspath(app_dir), CONNECTION, "--run-config", path, *federation, "--format",
+                         "json")
         answer = json.loads(out[out.index("{"):])
         if not answer.get("success"):
             raise RuntimeError(f"flwr run did not start the run: {answer}")
@@ -250,6 +280,13 @@ class LocalFederation:
                 return RunOutcome(run_id, f"timeout after {timeout:.0f} s ({info['status']})",
                                   time.monotonic() - t0, info)
             time.sleep(POLL_SECONDS)
+
+    def run_app(self, run_config: dict, timeout: float) -> RunOutcome:
+        """Run this project's app with ``run_config``; the outcome (check ``completed``)."""
+        run_id = self.submit(project_dir(), run_config)
+        outcome = self.wait(run_id, timeout)
+        self.log(f"run {run_id}: {outcome.status} after {outcome.seconds:.1f} s")
+        return outcome
 
     def run_log(self, run_id: int) -> str:
         """What the run's ServerApp logged (streamed into run-<id>.log)."""

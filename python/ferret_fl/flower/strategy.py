@@ -34,7 +34,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -184,8 +184,9 @@ class FerretFlowerStrategy(FedAvg):
         # a cache the server can vouch for is replayed from; anything else starts over from round 1
         applied = cached if 0 <= cached < len(self.digests) and self.digests[cached] == digest else 0
         self.nodes[node] = NodeRecord(partition, partitions, applied, time.monotonic())
-        self.say(f"node {node}: partition {partition} of {partitions}, cache at round {cached}"
-                 + ("" if applied == cached else " (not this run's weights: it replays from round 1)"))
+        cache = ("no cache" if cached < 0 else f"cache at round {cached}"
+                 + ("" if applied == cached else " (not weights of this run: it replays from round 1)"))
+        self.say(f"node {node}: partition {partition} of {partitions}, {cache}")
 
     def wait_for_nodes(self, grid: Grid) -> None:
         """Block until min-nodes nodes answered (connect-timeout, then RuntimeError)."""
@@ -336,8 +337,11 @@ class FerretFlowerStrategy(FedAvg):
             raise RuntimeError(f"round {r}: no upload to aggregate ({exc}); the checkpoint holds round {r - 1}: "
                                "resume when nodes are back (resume=true)") from exc
         seconds["aggregate"] = time.perf_counter() - t
+        hosts = {c: node for node, assigned in self._assignment.items() for c in assigned}
         for refused in self.server.refusals:
-            self.say(f"round {r}: client {refused['client_id']} refused ({refused['reason']}): {refused['detail']}")
+            refused["node_id"] = hosts[refused["client_id"]]
+            self.say(f"round {r}: client {refused['client_id']} of node {refused['node_id']} refused "
+                     f"({refused['reason']}): {refused['detail']}")
         refused_ids = {x["client_id"] for x in self.server.refusals}
         accepted = [c for c in clients if c not in refused_ids]
         t = time.perf_counter()
