@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c ci/constraints-cpu.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test gpu-audit demo bench lint clean
 
 $(STAMP): pyproject.toml setup.py ci/constraints-cpu.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml setup.py ci/constraints-cpu.txt $(wildcard csrc/*.cpp c
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: gpu-audit
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+# Every Triton kernel variant compiled for sm_80 and sm_90 (no GPU needed): fails on a
+# compile error, an approximate or contracted float instruction, or a register spill.
+gpu-audit: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m ferret_kernels.backends.triton.audit --self-test
 
 demo: $(STAMP)
 	$(VENV)/bin/ferret-fl demo
