@@ -151,7 +151,7 @@ def paper(op: str, x: torch.Tensor, gamma: torch.Tensor, seed: int, draw_dtype=t
     def reconstruct():
         for k in range(K):
             draw(k)
-            x.add_(v.to(x.dtype), alpha=1e-3 * float(gamma[k]))
+            x.add_(v, alpha=1e-3 * float(gamma[k]))
 
     return project if op == "project" else reconstruct
 
