@@ -29,10 +29,12 @@ gpu-audit: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ferret-fl demo
 
-# GPU: the Triton kernels against the baselines and the generation roofline; CPU: the
-# C++ backend at 1 and 2 threads against the same baselines.
+# GPU: the Triton kernels against the baselines and the generation roofline. No GPU: the
+# C++ backend at 1 and 2 threads against the same baselines, the Triton launch
+# preparation at open_llama_3b's layout, and the modelled (not measured) GPU throughput.
 bench: $(STAMP)
-	$(if $(shell command -v nvidia-smi 2>/dev/null),$(PY) benchmarks/bench_kernels.py --device cuda,$(PY) benchmarks/bench_cpu.py)
+	$(if $(shell command -v nvidia-smi 2>/dev/null),$(PY) benchmarks/bench_kernels.py --device cuda,\
+	$(PY) benchmarks/bench_cpu.py && $(PY) benchmarks/bench_launch.py && env -u TRITON_INTERPRET $(PY) benchmarks/model_gpu.py)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ferret_kernels python tests benchmarks setup.py

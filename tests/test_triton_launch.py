@@ -137,25 +137,23 @@ def test_ptx_findings_flag_approximate_contracted_and_unrounded_float_ops():
     assert "fma.rn.f32" in found and "div.full.f32" in found and "sqrt.approx.ftz.f32" in found
     assert "without .rn x1" in found
     assert "mad.lo.s32" not in found and "sqrt.rn" not in found
-    assert audit.ptx_findings("add.rn.f32 %f1, %f2, %f3;\nmul.wide.u32 %rd1, %r1, %r2;\n") == []
+    assert "mul.hi.u64" in " ".join(audit.ptx_findings("mul.hi.u64 %rd1, %rd2, %rd3;"))
+    assert audit.ptx_findings("add.rn.f32 %f1, %f2, %f3;\nmul.wide.u32 %rd1, %r1, %r2;\nmul.hi.u32 %r1, %r2, %r3;") == []
 
 
-SASS = """
-        /*0000*/                   MOV R1, c[0x0][0x28] ;
-        /*0010*/                   IMAD.HI.U32 R2, R3, R4, RZ ;
-        /*0020*/                   FADD R5, R5, R6 ;
-        /*0030*/              @!P0 BRA 0x10 ;
-        /*0040*/                   IMAD.HI.U32 R2, R3, R4, RZ ;
-        /*0050*/                   STL [R1], R2 ;
-        /*0060*/                   FSEL R7, R8, R9, P0 ;
-        /*0070*/                   LOP3.LUT R7, R7, 0x1, RZ, 0xc0, !PT ;
-        /*0080*/                   BRA 0x40 ;
-"""
+def _sass(lines: list[str]) -> str:
+    return "\n".join(f"        /*{16 * i:04x}*/                   {line} ;" for i, line in enumerate(lines))
+
+
+# A search loop with address products (0x10-0x30), a Philox loop (0x40-0x160) inside
+# an outer loop (0x40-0x180), and a register spill.
+SASS = _sass(["MOV R1, c[0x0][0x28]", "IMAD.WIDE.U32 R2, R3, R4, RZ", "IADD3 R5, R5, 0x1, RZ", "@!P0 BRA 0x10"]
+             + ["IMAD.HI.U32 R2, R3, R4, RZ"] * audit.PHILOX_PRODUCTS
+             + ["FADD R5, R5, R6", "@P1 BRA 0x40", "STL [R1], R2", "@P2 BRA 0x40", "EXIT"])
 
 
 def test_sass_findings_flag_spills_and_hot_loop_is_the_smallest_philox_loop():
     assert any("STL" in f for f in audit.sass_findings(SASS, {"REG": 40, "STACK": 0, "LOCAL": 0}))
     assert audit.sass_findings("/*0000*/ FADD R1, R2, R3 ;", {"REG": 40, "STACK": 0, "LOCAL": 0}) == []
     assert any("stack" in f for f in audit.sass_findings("", {"STACK": 16, "LOCAL": 0}))
-    loop = audit.hot_loop(SASS)
-    assert loop == {"IMAD.HI.U32": 1, "FADD": 1, "BRA": 1}
+    assert audit.hot_loop(SASS) == {"IMAD.HI.U32": audit.PHILOX_PRODUCTS, "FADD": 1, "BRA": 1}

@@ -11,12 +11,16 @@ alignment). Each compiled kernel must show:
   * PTX: no approximate float instruction (div/rcp/sqrt/rsqrt/ex2/lg2/sin/cos/tanh
     .approx, div.full), no float fma/mad, and every float add/sub/mul rounded (.rn) so
     ptxas cannot contract it either: the contract (docs/rng.md) needs each operation
-    rounded on its own.
+    rounded on its own. No 64-bit high product (mul.hi.u64): Philox's products are
+    32 x 32 bits, and a counter word promoted to 64 bits (an int64 basis index, say)
+    makes the compiled kernel compute other bits while Triton's interpreter, which
+    types Python ints differently, still matches the contract in the tests.
   * SASS (cuobjdump from the triton wheel): no local-memory traffic (LDL/STL, i.e.
     register spills) and no stack frame.
 
 ``--self-test`` first proves the checks bite: a fusion-on build must be flagged for
-fma, a division for an approximate instruction, a register cap for spills.
+fma, a division for an approximate instruction, Philox on an int64 basis index for
+64-bit products, a register cap for spills.
 
     python -m ferret_kernels.backends.triton.audit [--arch 80 90] [--jobs 2] [--json out.json]
 """
@@ -44,6 +48,7 @@ from ... import config, functional, rng
 from ...layout import BlockLayout
 from . import basis, generate, project, reconstruct
 from ._launch import COMPILE_OPTIONS, DTYPES, Launch
+from ._rng import rademacher_words
 
 ARCHS = (80, 90)
 
@@ -52,8 +57,12 @@ ARCHS = (80, 90)
 # unaligned one (blocks 1, 2).
 PROBE_SIZES = (4, 3, 5)
 
+# Two 32 x 32 products per round and 10 rounds, less those the compiler folds.
+PHILOX_PRODUCTS = 16
+
 _APPROX = re.compile(r"\b(?:div|rcp|sqrt|rsqrt|ex2|lg2|sin|cos|tanh)\.approx\S*|\bdiv\.full\.\S+")
 _FLOAT_FMA = re.compile(r"\b(?:fma|mad)\.\S*\b(?:f16|bf16|f32|f64|f16x2|bf16x2)\b")
+_WIDE_MULHI = re.compile(r"\bmul\.hi\.[us]64\b")
 _UNROUNDED = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.f32\b", re.M)
 _SASS_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)(.*?);")
 
@@ -184,6 +193,9 @@ def ptx_findings(ptx: str) -> list[str]:
     unrounded = len(_UNROUNDED.findall(ptx))
     if unrounded:
         found.append(f"float add/sub/mul without .rn x{unrounded} (ptxas may contract them)")
+    wide = len(_WIDE_MULHI.findall(ptx))
+    if wide:
+        found.append(f"64-bit high product mul.hi.u64 x{wide}: a Philox word promoted to 64 bits")
     return found
 
 
@@ -202,7 +214,9 @@ def sass_findings(text: str, usage: dict[str, int]) -> list[str]:
 
 def hot_loop(text: str) -> Counter:
     """Opcode counts of the innermost loop that runs Philox (the per-basis work): the
-    smallest backward branch whose body holds IMAD.HI (Philox's 32x32 high products)."""
+    smallest backward branch whose body holds a Philox call's 32x32 -> 64-bit products
+    (IMAD.HI, or IMAD.WIDE.U32 where ptxas takes both halves at once; at least
+    PHILOX_PRODUCTS of them, so an address computation does not count)."""
     ins = sass_instructions(text)
     index = {addr: i for i, (addr, _, _) in enumerate(ins)}
     best = None
@@ -213,7 +227,8 @@ def hot_loop(text: str) -> Counter:
         if not m or int(m.group(1), 16) not in index:
             continue
         start = index[int(m.group(1), 16)]
-        if start >= i or not any(o.startswith("IMAD.HI") for _, o, _ in ins[start:i]):
+        products = sum(o in ("IMAD.HI.U32", "IMAD.WIDE.U32") for _, o, _ in ins[start:i])
+        if start >= i or products < PHILOX_PRODUCTS:
             continue
         if best is None or i - start < best[1] - best[0]:
             best = (start, i)
@@ -260,6 +275,14 @@ def _divide_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
     tl.store(x_ptr + i, tl.load(x_ptr + i) / tl.load(y_ptr + i))
 
 
+@triton.jit
+def _int64_basis_kernel(out_ptr, k_ptr, BLOCK: tl.constexpr):
+    """Philox with the basis index left int64, as a loop over a loaded count gives it."""
+    key = tl.zeros([], dtype=tl.uint32)
+    w0, w1, w2, w3 = rademacher_words(tl.arange(0, BLOCK).to(tl.int64), tl.load(k_ptr), key, key, key)
+    tl.store(out_ptr + tl.arange(0, BLOCK), (w0 ^ w1 ^ w2 ^ w3).to(tl.int64))
+
+
 def self_test(arch: int = 90) -> list[str]:
     """Failures of the checks to flag what they must: empty when the audit works."""
     problems = []
@@ -272,6 +295,11 @@ def self_test(arch: int = 90) -> list[str]:
     approx = audit_kernel(compile_launch(divide, arch, enable_fp_fusion=True), "x / y", arch, 0.0)
     if not any("approximate" in f for f in approx.findings):
         problems.append(f"a float division (div.full) was not flagged as approximate: {approx.findings}")
+    words = torch.empty(128, dtype=torch.int64)
+    wide = Launch(_int64_basis_kernel, (1,), (words, words), dict(BLOCK=128), 4)
+    promoted = audit_kernel(compile_launch(wide, arch), "int64 basis index", arch, 0.0)
+    if not any("mul.hi.u64" in f for f in promoted.findings):
+        problems.append(f"Philox on an int64 basis index was not flagged for 64-bit products: {promoted.findings}")
     rademacher = next(v for v in variants() if v.label == "reconstruct float32 rademacher")
     capped = audit_kernel(compile_launch(rademacher.launch, arch, maxnreg=64), "64 registers", arch, 0.0)
     if not any("spill" in f for f in capped.findings):

@@ -22,7 +22,7 @@ def _generate_sum_kernel(out_ptr, call_ptr, DIST: tl.constexpr, TILE: tl.constex
     K = tl.load(call_ptr + 2)
     d = tl.load(call_ptr + 3)
     pid = tl.program_id(0).to(tl.int64)
-    block = tl.zeros([], dtype=tl.uint32)  # block 0, and basis k = block + k as uint32
+    block = tl.zeros([], dtype=tl.uint32)
     if DIST == 0:
         call = pid * (TILE // 4) + tl.arange(0, TILE // 4)
         acc0 = tl.zeros([TILE // 4], dtype=tl.float32)
@@ -30,7 +30,7 @@ def _generate_sum_kernel(out_ptr, call_ptr, DIST: tl.constexpr, TILE: tl.constex
         acc2 = tl.zeros([TILE // 4], dtype=tl.float32)
         acc3 = tl.zeros([TILE // 4], dtype=tl.float32)
         for k in range(0, K):
-            z0, z1, z2, z3 = gaussian4(call, block + k, block, key0, key1)
+            z0, z1, z2, z3 = gaussian4(call, (block + k).to(tl.uint32), block, key0, key1)
             acc0 = acc0 + z0
             acc1 = acc1 + z1
             acc2 = acc2 + z2
@@ -46,7 +46,7 @@ def _generate_sum_kernel(out_ptr, call_ptr, DIST: tl.constexpr, TILE: tl.constex
         acc2 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
         acc3 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
         for k in range(0, K):
-            w0, w1, w2, w3 = rademacher_words(call, block + k, block, key0, key1)
+            w0, w1, w2, w3 = rademacher_words(call, (block + k).to(tl.uint32), block, key0, key1)
             acc0 = acc0 + signed_by_bit(1.0, w0, bit)
             acc1 = acc1 + signed_by_bit(1.0, w1, bit)
             acc2 = acc2 + signed_by_bit(1.0, w2, bit)
