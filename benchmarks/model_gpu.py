@@ -32,7 +32,6 @@ from common import environment
 
 from ferret_kernels import config
 from ferret_kernels.backends.triton import audit
-from ferret_kernels.backends.triton._launch import SHAPES
 
 GPUS = {
     "H100 SXM": dict(arch=90, sms=132, ghz=1.98, rates=dict(fmaheavy=0.5, fp32=1.0, alu=0.5, xu=0.125, lsu=0.25)),
@@ -90,8 +89,7 @@ def main(argv=None) -> int:
     rows = []
     for label in KERNELS:
         launch = variants[label].launch
-        dist = "gaussian" if "gaussian" in label else "rademacher"
-        elements = SHAPES[dist].tile // SHAPES[dist].num_warps
+        elements = launch.constexprs["TILE"] // launch.num_warps
         for name, gpu in GPUS.items():
             kernel = audit.compile_launch(launch, gpu["arch"])
             counts = audit.hot_loop(audit.sass(kernel.asm["cubin"])[0])

@@ -160,12 +160,23 @@ def rademacher_words(call, k, block, seed_lo, seed_hi):
 
 
 @triton.jit
+def hand_over(word):
+    """``word`` unchanged (word + 0), behind a reduction the compiler does not recompute
+    in another layout: a consumer laid out differently (project's x tile) then receives
+    the words by shuffles instead of every lane re-running the Philox calls it needs."""
+    return tl.sum(tl.join(word, tl.zeros_like(word)), axis=1)
+
+
+@triton.jit
 def signed_by_bit(x, word, bit):
     """x where bit ``bit`` of ``word`` is clear, -x where it is set: x * v exactly.
 
     ``word`` holds one Philox word per call, ``bit`` the 32 bit positions; ``x`` is a
-    scalar or a (calls, 32) tile."""
-    flip = ((word[:, None] >> bit[None, :]) & 1) != 0
+    scalar or a (32, calls) tile. Bits run down the rows and calls along the columns:
+    with calls on the fast axis each lane keeps its own call's word, so Triton computes
+    one Philox call per lane (with bits on the fast axis, Triton 3.6 repeats a row's
+    Philox call in every lane of the row)."""
+    flip = ((word[None, :] >> bit[:, None]) & 1) != 0
     return tl.where(flip, -x, x)
 
 

@@ -48,8 +48,9 @@ def call_tile(tile_ptr, lo, hi, CALLS: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def bit_tile(tile_ptr, lo, hi, word, CALLS: tl.constexpr):
-    """Pointers and mask of the (CALLS, 32) Rademacher elements 128c + 32 word + b."""
-    offs = (tl.arange(0, CALLS) * 128 + 32 * word)[:, None] + tl.arange(0, 32)[None, :]
+    """Pointers and mask of the (32, CALLS) Rademacher elements 128c + 32 word + b
+    (bit b down the rows, call c along the columns, as ``_rng.signed_by_bit``)."""
+    offs = (32 * word + tl.arange(0, 32))[:, None] + (tl.arange(0, CALLS) * 128)[None, :]
     return tile_ptr + offs, (offs >= lo) & (offs < hi)
 
 

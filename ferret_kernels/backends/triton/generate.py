@@ -41,17 +41,17 @@ def _generate_sum_kernel(out_ptr, call_ptr, DIST: tl.constexpr, TILE: tl.constex
     else:
         call = pid * (TILE // 128) + tl.arange(0, TILE // 128)
         bit = tl.arange(0, 32)
-        acc0 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-        acc1 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-        acc2 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-        acc3 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
+        acc0 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+        acc1 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+        acc2 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+        acc3 = tl.zeros([32, TILE // 128], dtype=tl.float32)
         for k in range(0, K):
             w0, w1, w2, w3 = rademacher_words(call, (block + k).to(tl.uint32), block, key0, key1)
             acc0 = acc0 + signed_by_bit(1.0, w0, bit)
             acc1 = acc1 + signed_by_bit(1.0, w1, bit)
             acc2 = acc2 + signed_by_bit(1.0, w2, bit)
             acc3 = acc3 + signed_by_bit(1.0, w3, bit)
-        j = (call * 128)[:, None] + bit[None, :]
+        j = bit[:, None] + (call * 128)[None, :]
         total = tl.where(j < d, acc0, 0.0) + tl.where(j + 32 < d, acc1, 0.0)
         total += tl.where(j + 64 < d, acc2, 0.0) + tl.where(j + 96 < d, acc3, 0.0)
     tl.store(out_ptr + pid, tl.sum(total))

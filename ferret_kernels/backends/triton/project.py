@@ -20,10 +20,10 @@ import triton
 import triton.language as tl
 
 from ...layout import BlockLayout, SegmentTable, block_table
+from . import _launch
 from ._launch import (
     DIST_CODE,
     DTYPES,
-    SHAPES,
     CallBuffer,
     Launch,
     anchor,
@@ -34,13 +34,18 @@ from ._launch import (
     seed_words,
     segment_columns,
 )
-from ._rng import gaussian4, rademacher_words, signed_by_bit, uint32_key
+from ._rng import gaussian4, hand_over, rademacher_words, signed_by_bit, uint32_key
 from ._tile import bit_tile, call_tile, split4, tile_span
 
 # Bases per work item: each one reuses the loaded x tile; 8 keeps the partial-sum table
 # at 1/128 (gaussian) or 1/512 (rademacher) of the input size while leaving many items
 # to spread over the GPU.
 K_GROUP = 8
+# Project keeps its x tile in registers next to the accumulators; for Rademacher that is
+# 128 more a lane, so its 32 calls go over two warps (two lanes per call) to stay
+# clear of spills on triton 3.6.
+SHAPES = {"gaussian": _launch.SHAPES["gaussian"],
+          "rademacher": _launch.TileShape(_launch.SHAPES["rademacher"].tile, num_warps=2)}
 # Rows of partial sums summed per step of the second kernel, and its warps.
 SUM_ROWS = 64
 SUM_WARPS = 4
@@ -88,8 +93,9 @@ def _project_kernel(call_ptr, seg_ptr, anchor_ptr, partial_ptr, rows_at, n_rows,
         x3 = _load_f32(bit_tile(tile_ptr, lo, hi, 3, TILE // 128))
         for i in range(0, kc):
             w0, w1, w2, w3 = rademacher_words(call, (k_start + i).to(tl.uint32), block, key0, key1)
-            signed = (signed_by_bit(x0, w0, bit) + signed_by_bit(x1, w1, bit)) + signed_by_bit(x2, w2, bit)
-            tl.store(out + i, tl.sum(signed + signed_by_bit(x3, w3, bit)))
+            signed = signed_by_bit(x0, hand_over(w0), bit) + signed_by_bit(x1, hand_over(w1), bit)
+            signed = (signed + signed_by_bit(x2, hand_over(w2), bit)) + signed_by_bit(x3, hand_over(w3), bit)
+            tl.store(out + i, tl.sum(signed))
 
 
 @triton.jit(do_not_specialize=["call_ptr", "partial_ptr", "gamma_ptr", "runs_at"])

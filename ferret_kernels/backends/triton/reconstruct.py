@@ -97,10 +97,10 @@ def _reconstruct_kernel(call_ptr, seg_ptr, anchor_ptr, gamma_ptr, alpha, rows_at
         else:
             call = tile_j // 128 + tl.arange(0, TILE // 128)
             bit = tl.arange(0, 32)
-            acc0 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-            acc1 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-            acc2 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
-            acc3 = tl.zeros([TILE // 128, 32], dtype=tl.float32)
+            acc0 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+            acc1 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+            acc2 = tl.zeros([32, TILE // 128], dtype=tl.float32)
+            acc3 = tl.zeros([32, TILE // 128], dtype=tl.float32)
             for s in range(0, n_seeds):
                 count, block, coef, k_begin, key0, key1 = _seed_block(call_ptr, seeds_at, blocks_at, n_blocks, s, blk)
                 for i in range(0, count):
