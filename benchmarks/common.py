@@ -16,6 +16,7 @@ disturbed run. Baselines (what one would write without ferret_kernels) live here
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -72,9 +73,10 @@ def commit() -> str:
 
 
 def environment(device: str = "cpu") -> dict:
+    """Where and when: on a shared CPU the 1-minute load average says how contended it was."""
     name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     return dict(date=str(date.today()), commit=commit(), device=device, name=name, threads=torch.get_num_threads(),
-                torch=torch.__version__)
+                cores=os.cpu_count(), load_average=round(os.getloadavg()[0], 2), torch=torch.__version__)
 
 
 # ------------------------------------------------------------------------- model shapes
