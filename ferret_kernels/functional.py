@@ -6,6 +6,10 @@ A 1-D call works on block ``block`` and maps ``x.view(-1)[i]`` to element
 ``offset + i``; the ``*_blocks`` calls lay L blocks end to end and use bases
 k = 0..K_l-1 of block ``block_ids[l]`` (default l). Scaling such as 1/(rho K) is the
 caller's business: these compute raw V x and V^T gamma.
+
+Backends (``backend=``): "auto" (Triton on CUDA, C++ on CPU when built, else torch),
+"triton", "cpp" (alias "cpu") or "torch"; see ``backends``. The layout and its tables
+are cached (``layout.py``), so repeated calls on one model redo no layout work.
 """
 
 from __future__ import annotations
