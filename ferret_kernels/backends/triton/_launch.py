@@ -4,8 +4,9 @@ per-call buffer and the one launch helper.
 What a call costs on the host, and why it stays small at model scale:
   * Per layout, once (cached in ``SegmentTable.derived``): the segment table on the
     device and numpy columns derived from it (first tile, tile count, item offsets).
-  * Per call: one int64 buffer holding the tensors' data pointers, the seed words, the
-    block rows and the work rows of this call, built with numpy from those columns (no
+  * Per call: one int64 buffer holding the tensors' addresses (element offsets from
+    an aligned anchor tensor of their dtype), the seed words, the block rows and the
+    work rows of this call, built with numpy from those columns (no
     Python loop over segments or tiles) and copied to the device once, without a host
     sync (pinned memory, non_blocking). A kernel program finds its work row by a
     binary search over the rows' first items and derives its tile (and basis group)
