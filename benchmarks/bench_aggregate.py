@@ -13,15 +13,20 @@ by the norm rule, and per distribution
 
 Rates are sum_l d_l K_l / apply seconds. The kernel-benchmark shapes run in the same
 process (float32 and bfloat16 at d = 2**21, and bfloat16 over the largest block at its
-own K), to tell the layout's cost from the kernel's. Prints JSON; ~7 GB of RAM.
+own K), to tell the layout's cost from the kernel's. --explain R adds R interleaved
+rounds (A/B/A/B, so a shared machine's load drifts over all of them alike) of: the
+first 12 blocks of the layout through reconstruct_blocks_, one flat bfloat16 tensor of
+the same element x bases at K = 64, and reconstruct_ at the kernel shapes. Prints
+JSON; ~7 GB of RAM.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_aggregate.py [--distributions rademacher gaussian]
+    nice -n 10 .venv/bin/python benchmarks/bench_aggregate.py [--distributions rademacher gaussian] [--explain 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -58,11 +63,45 @@ def kernel_rate(dtype, d: int, K: int, dist: str) -> float:
     return d * K / timing.median
 
 
+def interleaved(model: torch.nn.Module, plan: FerretPlan, counts: list[int], dist: str, rounds: int) -> dict:
+    """Median rates (element x bases / s) of layout and flat reconstructs, run in turns."""
+    n_blocks = 12
+    sizes, ks = plan.block_sizes[:n_blocks], counts[:n_blocks]
+    tensors, covered = [], 0
+    for p in model.parameters():
+        if covered == sum(sizes):
+            break
+        tensors.append(p.detach())
+        covered += p.numel()
+    if covered != sum(sizes):
+        raise ValueError("the first blocks do not end on a tensor boundary")
+    element_bases = sum(d * k for d, k in zip(sizes, ks, strict=True))
+    cases = {
+        "layout, first 12 blocks": (lambda: fk.reconstruct_blocks_(tensors, sizes, ks, torch.randn(sum(ks)) * 1e-3,
+                                                                   BASE_SEED, distribution=dist, backend="cpp"),
+                                    element_bases),
+    }
+    for dtype, d, K in ((torch.bfloat16, element_bases // 64, 64), (torch.float32, 2**21, 64),
+                        (torch.bfloat16, 2**21, 64), (torch.bfloat16, max(plan.block_sizes), 101)):
+        out, gamma = torch.zeros(d, dtype=dtype), torch.randn(K) * 1e-3
+        name = f"flat {str(dtype).removeprefix('torch.')} d={d} K={K}"
+        cases[name] = (lambda out=out, gamma=gamma: fk.reconstruct_(out, gamma, BASE_SEED, distribution=dist,
+                                                                    backend="cpp"), d * K)
+    rates = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (call, work) in cases.items():
+            t0 = time.perf_counter()
+            call()
+            rates[name].append(work / (time.perf_counter() - t0))
+    return {name: dict(median=statistics.median(r), runs=r) for name, r in rates.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--distributions", nargs="+", default=["rademacher", "gaussian"], choices=fk.DISTRIBUTIONS)
     p.add_argument("--budget", type=int, default=7800)
     p.add_argument("--repeats", type=int, default=1, help="timed applies per distribution (default 1)")
+    p.add_argument("--explain", type=int, default=0, metavar="R", help="interleaved layout/flat rounds (default 0)")
     args = p.parse_args(argv)
 
     shapes = llama_shapes(**OPEN_LLAMA_3B)
@@ -95,6 +134,10 @@ def main(argv=None) -> int:
             result["runs"].append(run)
             print(f"{dist}: decode {run['decode_s']:.3f} s, aggregate {run['aggregate_s']:.3f} s, apply "
                   f"{run['apply_s']:.1f} s ({run['rate'] / 1e9:.2f} G element-bases/s)", file=sys.stderr, flush=True)
+        if args.explain:
+            result.setdefault("interleaved", {})[dist] = interleaved(model, plan, counts, dist, args.explain)
+            for name, r in result["interleaved"][dist].items():
+                print(f"{dist} interleaved: {name}: {r['median'] / 1e9:.3f} G/s", file=sys.stderr, flush=True)
         largest = max(range(plan.num_blocks), key=lambda b: plan.block_sizes[b])
         result.setdefault("kernel", []).extend([
             dict(distribution=dist, dtype="float32", d=2**21, K=64, rate=kernel_rate(torch.float32, 2**21, 64, dist)),
