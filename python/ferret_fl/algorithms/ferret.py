@@ -102,13 +102,15 @@ class FerretServer(ServerRole):
         try:
             for update in updates:
                 self.aggregator.add(update)
-            self.last_update = self.aggregator.aggregate(server_lr=self.server_lr(round_index))
+            update = self.aggregator.aggregate(server_lr=self.server_lr(round_index))
+            downlink = wire.encode_global_update(update, dtype=self.cfg.coefficient_dtype)
         except BaseException:
             # a refused round leaves the server as it was, so the round can be retried
             self.aggregator = self._new_aggregator()
             self.load_state_dict(before)
             raise
-        return wire.encode_global_update(self.last_update, dtype=self.cfg.coefficient_dtype)
+        self.last_update = update
+        return downlink
 
     def apply_(self, model, downlink, round_index) -> None:
         """Replay the downlink as a client does, after checking it carries exactly what
