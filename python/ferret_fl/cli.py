@@ -28,23 +28,39 @@ DEMO = dict(model="smollm2-135m", data="synthetic", clients_per_round=2, rounds=
             grad_accum=1, max_length=256, lr=1e-3, eval_every=0, eval_samples=32, eval_loss_samples=48,
             max_new_tokens=16, eval_batch_size=16)
 DEMO_ALGORITHMS = {
-    "ferret": dict(server_lr=1.0, budget=7800),
+    # the demo's local lr is 10x the paper's: a server lr of 3 at the paper's scale keeps its server step
+    "ferret": dict(scale="paper", server_lr=3.0, budget=7800),
     "fedavg": dict(),
     "fedkseed": dict(kseed_candidates=4096, kseed_eps=5e-4, kseed_lr=3e-5),
 }
 
 
+def _flag_type(name: str):
+    """argparse type of setting ``name``: ``config.coerce``, named for argparse's error message."""
+    typ, nullable = config.field_type(name)
+
+    def convert(value: str):
+        return config.coerce(name, value)
+
+    convert.__name__ = typ.__name__ + (" or null" if nullable else "")
+    return convert
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of settings (see configs/)")
-    for name, typ in RUN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other RunConfig setting")
+    p.add_argument("--config", help="YAML file of settings (see configs/); flags override it")
+    settings = p.add_argument_group("settings", "every RunConfig field (also a key of the YAML config)")
+    for name, f in config.FIELDS.items():
+        metavar = None if name in config.CHOICES else config.field_type(name)[0].__name__.upper()
+        settings.add_argument("--" + name.replace("_", "-"), dest=name, type=_flag_type(name), default=None,
+                              choices=config.CHOICES.get(name), metavar=metavar,
+                              help=f"{f.metadata['help']} (default: {f.default})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting as KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --output-dir")
     p.add_argument("--no-progress", action="store_true")
 
 
 def _overrides(args) -> dict:
-    values = {name: getattr(args, name) for name in RUN_FLAGS}
+    values = {name: getattr(args, name) for name in config.FIELDS}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -57,7 +73,12 @@ def cmd_run(args) -> int:
     from . import simulation
 
     cfg = config.load(args.config, _overrides(args))
-    simulation.run(cfg, resume=args.resume, progress=not args.no_progress)
+    try:
+        simulation.run(cfg, resume=args.resume, progress=not args.no_progress)
+    except simulation.DivergedError as exc:
+        print(report.compare([cfg.output_dir]))
+        print(f"ferret-fl: stopped: {exc}", file=sys.stderr)
+        return 3
     print(report.compare([cfg.output_dir]))
     return 0
 

@@ -1,97 +1,196 @@
 """Run configuration: one dataclass, loaded from YAML and overridden by flags.
 
+Every setting is a field of ``RunConfig`` with its help text; the CLI's ``run`` flags are
+generated from these fields, and settings that name one of a fixed set of choices
+(``CHOICES``) are checked by ``validate`` before any model or data is loaded. Unknown
+keys are refused, so a typo never silently falls back to a default.
+
 Defaults follow the paper's Natural Instructions setup for Ferret (configs/ holds each of
-the paper's setups). Unknown keys are refused, so a typo never silently falls back to a
-default.
+the paper's setups), with one rule for Ferret's server step:
+
+    scale: paper    with the paper's server_lr (10 on Natural Instructions, 3 on Dolly), or
+    scale: unbiased with server_lr / 3.
+
+The paper's server learning rates were tuned for its reference code, whose coefficients
+are about 1/3 of the unbiased ones (``ferret_kernels.plan.parity_factor``: d times the
+variance of N(0, 1) truncated to +-1/sqrt(d)). Pairing the unbiased scale with the
+paper's server lr takes 3x the paper's step and diverges on SmolLM2-135M within three
+rounds; the run's loss guard (``divergence_factor``) stops such a run and names the knobs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferret_kernels.config import BACKENDS
+from ferret_kernels.plan import ALLOCATIONS, SCALES, SEED_SCHEDULES
+from ferret_kernels.rng import DISTRIBUTIONS
+from ferret_kernels.server import CLIP_MODES, WEIGHTINGS
+from ferret_kernels.wire import DTYPES as WIRE_DTYPES
+
+from .models import DTYPES as MODEL_DTYPES
+
 ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit")
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def setting(default, help: str):
+    """A RunConfig field with its help text (shown by ``ferret-fl run --help``)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class RunConfig:
-    algorithm: str = "ferret"
-    # model: "smollm2-135m" (embedded), a hub id, a local directory, a .gguf path, or a
-    # LLaMA shape with random weights ("llama-3b-shape", "llama-1.3b-shape", "llama-tiny-shape").
-    model: str = "smollm2-135m"
-    dtype: str = "float32"
-    device: str = "cpu"
-    # data: "synthetic", "dolly" (hub), "dolly:<file.jsonl>", "ni:<directory>"
-    data: str = "synthetic"
-    num_clients: int = 200
-    dirichlet_alpha: float = 0.5
-    min_client_samples: int = 10
-    clients_per_round: float = 0.05
-    rounds: int = 12
-    local_steps: int = 10
-    batch_size: int = 1
-    grad_accum: int = 4
-    max_length: int = 1024
-    lr: float = 1e-4
-    optimizer: str = "sgd"
-    seed: int = 42
+    algorithm: str = setting("ferret", "federated algorithm")
+    model: str = setting("smollm2-135m", "'smollm2-135m' (embedded), a hub id, a local directory, a .gguf path, or "
+                                         "a LLaMA shape with random weights (llama-3b-shape, llama-1.3b-shape, "
+                                         "llama-7b-shape, llama-tiny-shape)")
+    dtype: str = setting("float32", "model weight dtype")
+    device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
+    data: str = setting("synthetic", "'synthetic', 'dolly' (hub), 'dolly:<file.jsonl>' or 'ni:<directory>'")
+    num_clients: int = setting(200, "clients to split Dolly over (Dirichlet)")
+    dirichlet_alpha: float = setting(0.5, "Dirichlet concentration of Dolly's category split")
+    min_client_samples: int = setting(10, "fewest examples a Dolly client may hold")
+    clients_per_round: float = setting(0.05, "clients trained per round: a fraction (<= 1) or a count (> 1)")
+    rounds: int = setting(12, "federated rounds")
+    local_steps: int = setting(10, "optimizer steps per client and round")
+    batch_size: int = setting(1, "examples per micro-batch")
+    grad_accum: int = setting(4, "micro-batches accumulated per optimizer step")
+    max_length: int = setting(1024, "longest tokenized example (prompt + response)")
+    lr: float = setting(1e-4, "local (client) learning rate")
+    optimizer: str = setting("sgd", "local optimizer")
+    max_grad_norm: float | None = setting(None, "clip each local step's gradient to this norm (null: no clipping)")
+    seed: int = setting(42, "run seed: client sampling, batch order, Ferret's round seeds, FedKSeed's candidates")
+    weighting: str = setting("samples", "how the server weights clients: by their number of examples, or equally")
     # Ferret
-    server_lr: float = 10.0
-    server_lr_decay: float = 1.0
-    budget: int = 7800
-    distribution: str = "gaussian"
-    allocation: str = "norm"
-    scale: str = "unbiased"
-    coefficient_dtype: str = "float32"
-    backend: str = "auto"
+    server_lr: float = setting(10.0, "Ferret's server step on the rebuilt mean update; the paper's value (10 NI, "
+                                     "3 Dolly) goes with scale=paper, a third of it with scale=unbiased")
+    server_lr_decay: float = setting(1.0, "Ferret's server lr is server_lr * decay^(round - 1)")
+    budget: int = setting(7800, "Ferret: K, coefficients each client sends per round")
+    distribution: str = setting("gaussian", "distribution of the random bases (Ferret, FedKSeed)")
+    allocation: str = setting("norm", "Ferret: how K is split over the blocks")
+    scale: str = setting("paper", "Ferret: coefficient scale; 'paper' matches the paper's server lr, 'unbiased' "
+                                  "(E[rebuilt] = update) needs a third of it")
+    seed_schedule: str = setting("per_round", "Ferret: a fresh seed per round, or one fixed seed pool for all rounds")
+    server_momentum: float = setting(0.0, "Ferret: heavy-ball momentum on the merged coefficients (needs "
+                                          "seed_schedule=fixed)")
+    clip_norm: float | None = setting(None, "Ferret: bound on each block of the rebuilt server update (null: none)")
+    clip: str = setting("block", "Ferret: how clip_norm measures a block")
+    coefficient_dtype: str = setting("float32", "Ferret: dtype of the coefficients on the wire")
+    backend: str = setting("auto", "ferret_kernels backend")
+    # FedAvg and FedIT
+    fedavg_server_lr: float = setting(1.0, "FedAvg / FedIT: server step on the mean client update (1: plain mean)")
     # FedKSeed
-    kseed_candidates: int = 4096
-    kseed_eps: float = 5e-4
-    kseed_lr: float = 3e-7
+    kseed_candidates: int = setting(4096, "FedKSeed: candidate seeds K")
+    kseed_eps: float = setting(5e-4, "FedKSeed: perturbation size of the two-point estimate")
+    kseed_lr: float = setting(3e-7, "FedKSeed: zeroth-order learning rate")
     # FedIT
-    lora_rank: int = 8
-    lora_alpha: int = 16
+    lora_rank: int = setting(8, "FedIT: LoRA rank")
+    lora_alpha: int = setting(16, "FedIT: LoRA alpha")
     # evaluation
-    eval_every: int = 0
-    eval_samples: int = 64
-    eval_loss_samples: int = 64
-    max_new_tokens: int = 128
-    eval_batch_size: int = 8
-    output_dir: str = "runs/latest"
-    extra: dict[str, Any] = field(default_factory=dict)
+    eval_every: int = setting(0, "Rouge-L every this many rounds (0: only before the first and after the last)")
+    eval_samples: int = setting(64, "held-out examples for Rouge-L")
+    eval_loss_samples: int = setting(64, "held-out examples for the held-out loss (every round)")
+    max_new_tokens: int = setting(128, "generation budget for Rouge-L")
+    eval_batch_size: int = setting(8, "evaluation batch size")
+    divergence_factor: float = setting(1.5, "stop the run when the held-out loss exceeds this factor times the best "
+                                            "so far, or is not finite (0: never stop)")
+    output_dir: str = setting("runs/latest", "where metrics.jsonl and the checkpoint go")
 
     def validate(self) -> RunConfig:
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}; got {self.algorithm!r}")
-        for name in ("rounds", "local_steps", "batch_size", "grad_accum", "max_length", "budget"):
+        """Check every setting (choices, ranges); raise ValueError naming the setting and the fix."""
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        for name in ("rounds", "local_steps", "batch_size", "grad_accum", "max_length", "budget", "kseed_candidates",
+                     "lora_rank", "eval_samples", "eval_loss_samples", "max_new_tokens", "eval_batch_size",
+                     "num_clients", "min_client_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not 0 < self.clients_per_round:
+        if not self.clients_per_round > 0:
             raise ValueError(f"clients_per_round must be > 0 (a fraction <= 1 or a count); got {self.clients_per_round}")
-        if self.lr <= 0 or self.server_lr <= 0:
-            raise ValueError("lr and server_lr must be > 0")
+        for name in ("lr", "server_lr", "fedavg_server_lr", "kseed_lr", "kseed_eps", "dirichlet_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
+        if not 0 < self.server_lr_decay <= 1:
+            raise ValueError(f"server_lr_decay must be in (0, 1]; got {self.server_lr_decay}")
+        if not 0 <= self.server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1); got {self.server_momentum}")
+        if self.server_momentum and self.seed_schedule != "fixed":
+            raise ValueError("server_momentum adds coefficients across rounds, which needs the same bases every round: "
+                             "set seed_schedule=fixed")
+        for name in ("clip_norm", "max_grad_norm"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, or null for no clipping; got {getattr(self, name)}")
+        if self.divergence_factor != 0 and not self.divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1, or 0 to never stop; got {self.divergence_factor}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0; got {self.eval_every}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        if not (self.device == "cpu" or self.device == "cuda" or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
         return self
 
 
+# Settings that name one of a fixed set of choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "algorithm": ALGORITHMS,
+    "optimizer": OPTIMIZERS,
+    "dtype": tuple(MODEL_DTYPES),
+    "weighting": tuple(WEIGHTINGS),
+    "distribution": tuple(DISTRIBUTIONS),
+    "allocation": tuple(ALLOCATIONS),
+    "scale": tuple(SCALES),
+    "seed_schedule": tuple(SEED_SCHEDULES),
+    "clip": tuple(CLIP_MODES),
+    "coefficient_dtype": tuple(WIRE_DTYPES),
+    "backend": tuple(BACKENDS),
+}
+
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    """(base type, whether null is allowed) of setting ``name``."""
+    hint = _TYPES[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if args:
+        return args[0], True
+    return hint, False
 
 
 def coerce(name: str, value: Any) -> Any:
-    """``value`` converted to the type of field ``name`` (flags arrive as strings)."""
+    """``value`` converted to the type of setting ``name`` (flags and YAML strings)."""
     if name not in FIELDS:
         raise ValueError(f"unknown setting {name!r}; known: {', '.join(sorted(FIELDS))}")
-    default = FIELDS[name].default
-    if isinstance(default, bool):
-        return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-    if isinstance(default, int) and not isinstance(default, bool):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
+    typ, nullable = field_type(name)
+    if nullable and (value is None or (isinstance(value, str) and value.lower() in ("null", "none", ""))):
+        return None
+    try:
+        if isinstance(value, bool) and typ in (int, float):
+            raise ValueError
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ is float:
+            return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a{'n int' if typ is int else ' number'}"
+                         f"{' or null' if nullable else ''}; got {value!r}") from None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string; got {value!r}")
     return value
 
 
 def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """RunConfig from a YAML file (optional) and overrides (None values ignored), validated."""
     values: dict[str, Any] = {}
     if path:
         import yaml

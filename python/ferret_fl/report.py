@@ -1,5 +1,6 @@
 """Tables and plots from run directories (each with a metrics.jsonl).
 
+Rows are read through ``metrics.read`` (the schema lives in ``metrics.py``).
 ``compare([dirs])`` gives one row per run: Rouge-L and eval loss before and after,
 bytes sent per client per round (up and down), and mean seconds per phase per round.
 ``plot([dirs], path)`` draws eval loss and Rouge-L against round and against the
@@ -8,18 +9,9 @@ cumulative bytes communicated.
 
 from __future__ import annotations
 
-import json
 import os
 
-PHASES = ("local", "compress", "aggregate", "apply", "evaluation")
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: is {run_dir} a ferret-fl output directory?")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+from .metrics import PHASES, read
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -51,7 +43,7 @@ def compare(run_dirs: list[str]) -> str:
             "down / client / round | s/round: local | compress | aggregate | apply | eval |")
     lines = [head, "|" + "---|" * 11]
     for d in run_dirs:
-        s = summarize(read_metrics(d))
+        s = summarize(read(d))
         rouge = (f"{s['rouge_before']:.2f} → {s['rouge_after']:.2f}"
                  if s["rouge_before"] is not None and s["rouge_after"] is not None else "n/a")
         sec = s["seconds"]
@@ -71,7 +63,7 @@ def plot(run_dirs: list[str], path: str) -> str:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for d in run_dirs:
-        rows = read_metrics(d)
+        rows = read(d)
         name = rows[-1]["algorithm"]
         rounds = [r["round"] for r in rows]
         sent = [max(r["cumulative_bytes"], 1) for r in rows]

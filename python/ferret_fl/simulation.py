@@ -1,16 +1,18 @@
 """The embedded simulation engine: one process, one model, clients trained in turn.
 
-Each round samples a fraction of the clients (seeded by the run seed and the round, so
-a resumed run samples the same clients), trains each from the global weights, aggregates
-their messages and applies the result as every client would replay it. Every number in
-the per-round metrics is measured: bytes are the lengths of the encoded messages,
-seconds are wall-clock per phase. A checkpoint after every round makes ``--resume``
-continue the same run to the same final weights.
+It drives an algorithm's two roles (``algorithms.ServerRole`` / ``ClientRole``) exactly
+as a deployment would, over one shared model: each round the server announces the round,
+a fraction of the clients (seeded by the run seed and the round, so a resumed run samples
+the same clients) each train from the global weights and upload bytes, the server
+aggregates the uploads into the downlink bytes and applies them as every client replays
+them. Every number in the per-round metrics (``metrics.py``) is measured: bytes are the
+lengths of the encoded messages, seconds are wall-clock per phase. A checkpoint after
+every round makes ``--resume`` continue the same run to the same final weights, and a
+guard stops a run whose held-out loss explodes (``divergence_factor``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import resource
@@ -21,13 +23,11 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, evaluation
-from .algorithms import build_algorithm
+from . import checkpoint, evaluation, metrics
+from .algorithms import build_client, build_server, prepare_model
 from .config import RunConfig, as_dict
 from .data import FederatedDataset, collate, named_rng, tokenize_examples
 from .models import load_causal_lm
-
-METRICS_FILE = "metrics.jsonl"
 
 
 def load_dataset(cfg: RunConfig) -> FederatedDataset:
@@ -57,10 +57,15 @@ def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[i
     return sorted(int(i) for i in rng.choice(num_clients, size=m, replace=False))
 
 
+def usable_examples(items: list) -> list:
+    """The tokenized examples a client trains on: those with a supervised token left at max_length."""
+    return [it for it in items if it.num_target_tokens > 0]
+
+
 def client_steps(cfg: RunConfig, items: list, round_index: int, client: int, pad_id: int) -> list[list[dict]]:
     """local_steps optimizer steps, each of grad_accum micro-batches of batch_size examples,
     walking seeded shuffles of the client's data (an epoch boundary starts a new shuffle)."""
-    usable = [it for it in items if it.num_target_tokens > 0]
+    usable = usable_examples(items)
     if not usable:
         raise ValueError(f"client {client} has no example with a supervised token at max_length {cfg.max_length}")
     rng = named_rng(cfg.seed, f"batches/{round_index}/{client}")
@@ -101,21 +106,20 @@ class Evaluator:
     def loss(self, model) -> float:
         return evaluation.mean_loss(model, self.loss_batches)
 
-    def rouge(self, model) -> tuple[float, list[str]]:
+    def rouge(self, model) -> float:
         predictions = evaluation.generate_greedy(model, self.tokenizer, self.rouge_examples, self.cfg.max_new_tokens,
                                                  self.cfg.eval_batch_size, self.cfg.max_length)
-        return evaluation.rouge_l(predictions, [ex.output for ex in self.rouge_examples]), predictions
+        return evaluation.rouge_l(predictions, [ex.output for ex in self.rouge_examples])
 
 
 # Settings a resumed run may change: how long it runs, how it evaluates, where it writes.
 RESUMABLE_CHANGES = {"rounds", "eval_every", "eval_samples", "eval_loss_samples", "max_new_tokens", "eval_batch_size",
-                     "output_dir", "device", "backend"}
+                     "output_dir", "device", "backend", "divergence_factor"}
 
 
 def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
     """Refuse to resume a checkpoint under settings that would make it a different run."""
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        saved = json.load(f).get("config", {})
+    saved = checkpoint.read_state(ckpt_dir).get("config", {})
     changed = sorted(k for k, v in as_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
@@ -123,20 +127,36 @@ def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
                          "use the same settings or a new --output-dir")
 
 
-def _read_metrics(path: str, upto_round: int) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["round"] <= upto_round]
+
+class DivergedError(RuntimeError):
+    """The held-out loss exploded or stopped being finite; the message names the knobs to turn."""
 
 
-def _write_metrics(path: str, rows: list[dict]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+LOWER = "lower it"
+# The settings to turn when a run of each algorithm diverges, and which way.
+KNOBS = {
+    "ferret": (("server_lr", "lower it: the paper's value (10 NI, 3 Dolly) goes with scale=paper"),
+               ("scale", "with scale=unbiased use a third of the paper's server_lr"),
+               ("lr", LOWER), ("clip_norm", "set it to bound each block of the server update")),
+    "fedavg": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
+    "fedit": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
+    "fedkseed": (("kseed_lr", LOWER), ("kseed_eps", LOWER)),
+}
+
+
+def check_divergence(cfg: RunConfig, previous: list[dict], row: dict) -> None:
+    """Raise DivergedError if ``row``'s losses are not finite, or its held-out loss exceeds
+    ``divergence_factor`` times the best of ``previous`` (round 0 included)."""
+    best = min(previous, key=lambda r: r["eval_loss"])
+    loss = row["eval_loss"]
+    if metrics.finite(row) and not (cfg.divergence_factor and loss > cfg.divergence_factor * best["eval_loss"]):
+        return
+    what = (f"the loss is not finite (train {row['train_loss']}, held-out {loss})" if not metrics.finite(row) else
+            f"the held-out loss {loss:.4f} is {loss / best['eval_loss']:.1f}x the best so far "
+            f"({best['eval_loss']:.4f} at round {best['round']}; divergence_factor={cfg.divergence_factor})")
+    knobs = "; ".join(f"{k}={getattr(cfg, k)!r} ({advice})" for k, advice in KNOBS[cfg.algorithm])
+    raise DivergedError(f"round {row['round']}: {what}: training diverged, stopped. Settings to turn: {knobs}. "
+                        f"The checkpoint holds round {row['round'] - 1}; divergence_factor=0 never stops.")
 
 
 def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
@@ -147,16 +167,18 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     preloaded: (model, tokenizer) already holding cfg.model's initial weights (the demo
     loads once for several algorithms). baseline: a round-0 row measured on the same
     model, data and evaluation settings, reused instead of evaluating again.
+    Raises DivergedError (after writing the round's metrics, keeping the previous
+    checkpoint) when the held-out loss explodes.
     """
     from tqdm.auto import tqdm
 
+    cfg.validate()
+    dataset = load_dataset(cfg)
     os.makedirs(cfg.output_dir, exist_ok=True)
     ckpt_dir = os.path.join(cfg.output_dir, "checkpoint")
-    metrics_path = os.path.join(cfg.output_dir, METRICS_FILE)
-    dataset = load_dataset(cfg)
     model, tokenizer = preloaded or load_causal_lm(cfg.model, cfg.dtype, cfg.device, seed=cfg.seed)
-    algo = build_algorithm(cfg, model)
-    model = algo.prepare(model)
+    model = prepare_model(cfg, model)
+    server, client = build_server(cfg, model), build_client(cfg, model)
     evaluator = Evaluator(cfg, dataset, tokenizer)
     tokenized: dict[int, list] = {}
 
@@ -164,9 +186,12 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
     if resume and checkpoint.exists(ckpt_dir):
         _check_resumable(ckpt_dir, cfg)
         tensors, state = checkpoint.load(ckpt_dir, model)
-        algo.load_state_tensors(tensors)
+        server.load_state_dict(tensors)
         start_round = int(state["round"]) + 1
-        rows = _read_metrics(metrics_path, state["round"])
+        if server.round != start_round:
+            raise ValueError(f"{ckpt_dir} is inconsistent: it holds round {state['round']} but its server state is at "
+                             f"round {server.round}")
+        rows = metrics.read(cfg.output_dir, state["round"])
         log(f"resuming {cfg.algorithm} after round {state['round']} from {ckpt_dir}")
     elif resume:
         log(f"no checkpoint in {ckpt_dir}: starting from round 1")
@@ -176,59 +201,55 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
             row = {**baseline, "algorithm": cfg.algorithm}
         else:
             t = time.perf_counter()
-            row = {"round": 0, "algorithm": cfg.algorithm, "eval_loss": evaluator.loss(model)}
-            row["rouge_l"], _ = evaluator.rouge(model)
-            row["seconds"] = {"evaluation": time.perf_counter() - t}
-            row.update(bytes_up=0, bytes_down=0, cumulative_bytes=0, clients=[])
+            loss, rouge = evaluator.loss(model), evaluator.rouge(model)
+            row = metrics.initial_row(cfg.algorithm, loss, rouge, time.perf_counter() - t)
         rows = [row]
-        _write_metrics(metrics_path, rows)
+        metrics.write(cfg.output_dir, rows)
         log(f"round 0: eval loss {row['eval_loss']:.4f}" + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else ""))
 
     for r in range(start_round, cfg.rounds + 1):
         clients = sample_clients(cfg, r, dataset.num_clients)
-        seconds = {"local": 0.0, "compress": 0.0, "aggregate": 0.0, "apply": 0.0, "evaluation": 0.0}
+        seconds = dict.fromkeys(metrics.PHASES, 0.0)
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        announcement = server.announce(r)
         messages = []
         bar = tqdm(clients, desc=f"round {r}/{cfg.rounds}", disable=not progress, leave=False)
         for c in bar:
             if c not in tokenized:
                 tokenized[c] = tokenize_examples(dataset.clients[c].examples, tokenizer, cfg.max_length)
             steps = client_steps(cfg, tokenized[c], r, c, tokenizer.pad_token_id)
-            msg = algo.client_update(model, steps, r, c)
+            msg = client.train(model, steps, announcement, client_id=c,
+                               num_samples=len(usable_examples(tokenized[c])))
             messages.append(msg)
             for phase in ("local", "compress"):
                 seconds[phase] += msg.seconds.get(phase, 0.0)
             bar.set_postfix(client=c, loss=f"{msg.train_loss:.4f}")
         t = time.perf_counter()
-        payload = algo.aggregate(messages, r)
+        downlink = server.aggregate(r, [m.payload for m in messages])
         seconds["aggregate"] = time.perf_counter() - t
         t = time.perf_counter()
-        algo.apply_(model, payload, r)
+        server.apply_(model, downlink, r)
         seconds["apply"] = time.perf_counter() - t
         t = time.perf_counter()
-        row = {"round": r, "algorithm": cfg.algorithm, "clients": clients,
-               "train_loss": sum(m.train_loss for m in messages) / len(messages),
-               "eval_loss": evaluator.loss(model)}
-        if r == cfg.rounds or (cfg.eval_every > 0 and r % cfg.eval_every == 0):
-            row["rouge_l"], _ = evaluator.rouge(model)
+        loss = evaluator.loss(model)
+        rouge = None
+        if math.isfinite(loss) and (r == cfg.rounds or (cfg.eval_every > 0 and r % cfg.eval_every == 0)):
+            rouge = evaluator.rouge(model)
         seconds["evaluation"] = time.perf_counter() - t
-        up = sum(len(m.payload) for m in messages)
-        down = len(payload) * len(messages)
-        row.update(bytes_up=up, bytes_down=down, bytes_up_per_client=up / len(messages),
-                   bytes_down_per_client=len(payload),
-                   cumulative_bytes=rows[-1]["cumulative_bytes"] + up + down, seconds=seconds,
-                   peak_memory_bytes=peak_memory_bytes(cfg.device))
-        if not all(math.isfinite(v) for v in (row["train_loss"], row["eval_loss"])):
-            raise FloatingPointError(f"round {r}: the loss is not finite; lower lr or server_lr")
+        row = metrics.round_row(r, cfg.algorithm, clients=clients, train_losses=[m.train_loss for m in messages],
+                                eval_loss=loss, upload_sizes=[len(m.payload) for m in messages],
+                                downlink_size=len(downlink), previous=rows[-1], seconds=seconds,
+                                peak_memory_bytes=peak_memory_bytes(cfg.device), rouge_l=rouge)
         rows.append(row)
         # Metrics first: a crash before the checkpoint lands redoes this round on resume.
-        _write_metrics(metrics_path, rows)
-        checkpoint.save(ckpt_dir, model, algo.state_tensors(), {"round": r, "config": as_dict(cfg)})
+        metrics.write(cfg.output_dir, rows)
         log(f"round {r}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}"
             + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else "")
-            + f", up {up:,} B, down {down:,} B, local {seconds['local']:.1f}s, compress {seconds['compress']:.2f}s,"
-            f" aggregate {seconds['aggregate']:.2f}s, apply {seconds['apply']:.2f}s")
+            + f", up {row['bytes_up']:,} B, down {row['bytes_down']:,} B, local {seconds['local']:.1f}s, "
+            f"compress {seconds['compress']:.2f}s, aggregate {seconds['aggregate']:.2f}s, apply {seconds['apply']:.2f}s")
+        check_divergence(cfg, rows[:-1], row)
+        checkpoint.save(ckpt_dir, model, server.state_dict(), {"round": r, "config": as_dict(cfg)})
         if stop_after_round is not None and r >= stop_after_round:
             break
     return rows

@@ -1,28 +1,47 @@
-"""Federated algorithms on one interface (``base.Algorithm``): Ferret and its baselines."""
+"""Federated algorithms as server and client roles (``base.ServerRole`` / ``base.ClientRole``).
+
+``ROLES`` maps each algorithm name to its (server class, client class); both are built
+from the run config and a model prepared by ``prepare_model``. The in-process simulation
+and a Flower ServerApp/ClientApp drive the same classes.
+"""
 
 from __future__ import annotations
 
-from .base import Algorithm, ClientMessage, LocalConfig
-from .fedavg import FedAvg
-from .fedit import FedIT
-from .fedkseed import FedKSeed
-from .ferret import Ferret
+from .base import Announcement, ClientMessage, ClientRole, ServerRole
+from .fedavg import FedAvgClient, FedAvgServer
+from .fedit import FedITClient, FedITServer
+from .fedkseed import FedKSeedClient, FedKSeedServer
+from .ferret import FerretClient, FerretServer
 
-__all__ = ["Algorithm", "ClientMessage", "FedAvg", "FedIT", "FedKSeed", "Ferret", "LocalConfig", "build_algorithm"]
+ROLES: dict[str, tuple[type[ServerRole], type[ClientRole]]] = {
+    "ferret": (FerretServer, FerretClient),
+    "fedavg": (FedAvgServer, FedAvgClient),
+    "fedkseed": (FedKSeedServer, FedKSeedClient),
+    "fedit": (FedITServer, FedITClient),
+}
+
+__all__ = ["ROLES", "Announcement", "ClientMessage", "ClientRole", "FedAvgClient", "FedAvgServer", "FedITClient",
+           "FedITServer", "FedKSeedClient", "FedKSeedServer", "FerretClient", "FerretServer", "ServerRole",
+           "build_client", "build_server", "prepare_model"]
 
 
-def build_algorithm(cfg, model) -> Algorithm:
-    """The algorithm named by ``cfg.algorithm`` (a ``RunConfig``), bound to ``model``."""
-    local = LocalConfig(lr=cfg.lr, optimizer=cfg.optimizer)
-    if cfg.algorithm == "ferret":
-        return Ferret(model, local, budget=cfg.budget, server_lr=cfg.server_lr, server_lr_decay=cfg.server_lr_decay,
-                      distribution=cfg.distribution, allocation=cfg.allocation, scale=cfg.scale,
-                      coefficient_dtype=cfg.coefficient_dtype, backend=cfg.backend, seed=cfg.seed)
-    if cfg.algorithm == "fedavg":
-        return FedAvg(local)
-    if cfg.algorithm == "fedkseed":
-        return FedKSeed(num_candidates=cfg.kseed_candidates, eps=cfg.kseed_eps, lr=cfg.kseed_lr, seed=cfg.seed,
-                        distribution=cfg.distribution, backend=cfg.backend)
-    if cfg.algorithm == "fedit":
-        return FedIT(local, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    raise ValueError(f"unknown algorithm {cfg.algorithm!r}")
+def _roles(cfg) -> tuple[type[ServerRole], type[ClientRole]]:
+    if cfg.algorithm not in ROLES:
+        raise ValueError(f"algorithm must be one of {', '.join(ROLES)}; got {cfg.algorithm!r}")
+    return ROLES[cfg.algorithm]
+
+
+def prepare_model(cfg, model):
+    """The model ``cfg.algorithm`` trains, made from the loaded one (FedIT adds LoRA
+    adapters); every peer calls it once on its copy before building a role."""
+    return _roles(cfg)[1].prepare_model(cfg, model)
+
+
+def build_server(cfg, model) -> ServerRole:
+    """The server role of ``cfg.algorithm`` over ``model`` (from ``prepare_model``)."""
+    return _roles(cfg)[0](cfg, model)
+
+
+def build_client(cfg, model) -> ClientRole:
+    """The client role of ``cfg.algorithm`` over a node's ``model`` (from ``prepare_model``)."""
+    return _roles(cfg)[1](cfg, model)

@@ -1,7 +1,9 @@
-"""FedAvg over full parameters: clients upload their whole update, the server averages.
+"""FedAvg over the trainable parameters: clients upload their whole update, the server averages.
 
 The baseline Ferret is measured against: the same local SGD, but d numbers up and down
-per client and round. Updates are weighted by sample count (or equally).
+per client and round. The downlink is the weighted mean update (float32, by number of
+examples or equal: ``weighting``) and the server step ``fedavg_server_lr``; every peer
+applies w <- w - server_lr * mean. FedIT reuses both roles over LoRA adapters.
 """
 
 from __future__ import annotations
@@ -11,53 +13,96 @@ from collections.abc import Sequence
 import torch
 
 from .base import (
-    Algorithm,
     ClientMessage,
-    LocalConfig,
+    ClientRole,
+    ServerRole,
     Timer,
+    client_weights,
     decode_tensors,
+    decode_upload,
+    derived_seed,
     encode_tensors,
     local_sgd,
-    weighted_mean_payload,
+    seeded_torch,
+    trainable,
+    upload_metadata,
 )
 
 
-class FedAvg(Algorithm):
+def _global_expected(name: str, round_index: int) -> dict[str, str]:
+    return {"algorithm": name, "round": str(round_index), "kind": "global"}
+
+
+def replay_mean_update(name: str, model: torch.nn.Module, downlink: bytes, round_index: int) -> None:
+    """w <- w - server_lr * mean over the trainable parameters, from a FedAvg-style downlink."""
+    delta, metadata = decode_tensors(downlink, _global_expected(name, round_index))
+    try:
+        server_lr = float(metadata.get("server_lr", ""))
+    except ValueError:
+        raise ValueError(f"{name} downlink has no valid server_lr: the message is corrupted") from None
+    named = dict(trainable(model))
+    if set(delta) != set(named):
+        raise ValueError(f"{name} downlink does not name the model's trainable parameters")
+    for n, p in named.items():
+        if delta[n].shape != p.shape:
+            raise ValueError(f"{name} downlink tensor {n} has shape {tuple(delta[n].shape)}, the model's is "
+                             f"{tuple(p.shape)}")
+    with torch.no_grad():
+        for n, p in named.items():
+            p.copy_((p.float() - server_lr * delta[n].to(p.device)).to(p.dtype))
+
+
+class FedAvgClient(ClientRole):
     name = "fedavg"
 
-    def __init__(self, local: LocalConfig, server_lr: float = 1.0, weighting: str = "samples"):
-        if weighting not in ("samples", "equal"):
-            raise ValueError(f"weighting must be 'samples' or 'equal'; got {weighting!r}")
-        self.local, self.server_lr, self.weighting = local, server_lr, weighting
-
-    def _names(self, model) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def client_update(self, model, steps, round_index, client_id) -> ClientMessage:
+    def train(self, model, steps, announcement, *, client_id, num_samples) -> ClientMessage:
         timer = Timer()
-        named = self._names(model)
+        named = trainable(model)
         start = {n: p.detach().clone() for n, p in named}
-        with timer("local"):
-            loss = local_sgd(model, [p for _, p in named], steps, self.local)
+        device = named[0][1].device
+        with timer("local"), seeded_torch(derived_seed(self.cfg.seed, f"local/{announcement.round}/{client_id}"),
+                                          device):
+            loss = local_sgd(model, [p for _, p in named], steps, optimizer=self.cfg.optimizer, lr=announcement.lr,
+                             max_grad_norm=self.cfg.max_grad_norm)
         with timer("compress"):
             delta = {n: start[n] - p.detach() for n, p in named}
-            payload = encode_tensors(delta, {"algorithm": self.name, "round": str(round_index)})
+            payload = encode_tensors(delta, upload_metadata(self.name, announcement.round, num_samples))
         with torch.no_grad():
             for n, p in named:
                 p.copy_(start[n])
-        samples = sum(len(b["input_ids"]) for micro in steps for b in micro)
-        return ClientMessage(payload, samples, loss, timer.seconds)
+        return ClientMessage(payload, num_samples, loss, timer.seconds)
 
-    def aggregate(self, messages: Sequence[ClientMessage], round_index: int) -> bytes:
-        weights = [m.num_samples if self.weighting == "samples" else 1 for m in messages]
-        return weighted_mean_payload(messages, weights, self.name, round_index)
+    def apply_(self, model, downlink, round_index) -> None:
+        replay_mean_update(self.name, model, downlink, round_index)
 
-    def apply_(self, model, payload: bytes, round_index: int) -> None:
-        delta, _ = decode_tensors(payload, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
-        named = dict(self._names(model))
-        if set(delta) != set(named):
-            raise ValueError("global update does not name the model's trainable parameters")
-        with torch.no_grad():
-            for name, p in named.items():
-                updated = p.float() - self.server_lr * delta[name].to(p.device)
-                p.copy_(updated.to(p.dtype))
+
+class FedAvgServer(ServerRole):
+    name = "fedavg"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.server_lr = cfg.fedavg_server_lr
+        self.shapes = {n: tuple(p.shape) for n, p in trainable(model)}
+
+    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
+        """Float32 weighted mean, tensor by tensor, of the uploads."""
+        self.check_round(round_index)
+        decoded = [decode_upload(u, self.name, round_index) for u in uploads]
+        weights = client_weights([s for _, s in decoded], self.cfg.weighting)
+        mean = {n: torch.zeros(s, dtype=torch.float32) for n, s in self.shapes.items()}
+        for (tensors, _), w in zip(decoded, weights, strict=True):
+            if set(tensors) != set(mean):
+                raise ValueError(f"round {round_index}: an upload does not name the model's trainable parameters")
+            for n, t in tensors.items():
+                if tuple(t.shape) != self.shapes[n]:
+                    raise ValueError(f"round {round_index}: upload tensor {n} has shape {tuple(t.shape)}, expected "
+                                     f"{self.shapes[n]}")
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"round {round_index}: upload tensor {n} is not finite (the client diverged)")
+                mean[n].add_(t.float(), alpha=w)
+        downlink = encode_tensors(mean, {**_global_expected(self.name, round_index), "server_lr": repr(self.server_lr)})
+        self._round += 1
+        return downlink
+
+    def apply_(self, model, downlink, round_index) -> None:
+        replay_mean_update(self.name, model, downlink, round_index)

@@ -1,14 +1,16 @@
 """FedKSeed (Qin et al., ICML 2024): zeroth-order steps along K candidate seeded directions.
 
-Direction z_k (k < K) is basis k of every block of the model under one fixed seed, so
-a step is two ``perturb_blocks_`` launches and two forward passes:
+Direction z_k (k < K) is basis k of every block of the model under the announced seed
+(the run seed, the same every round), so a step is two ``perturb_blocks_`` launches and
+two forward passes:
 
     g = (L(w + eps z_k) - L(w - eps z_k)) / (2 eps),   w <- w - lr g z_k
 
 Clients upload the K accumulated scalars G_k (sum of the g's they took along z_k); the
-server averages them and every client replays w <- w - lr sum_k G_k z_k over the
-directions that were used. The server also keeps the running total of the scalars, the
-state a new client needs to rebuild the weights from w_0.
+server averages them (``weighting``) and every peer replays w <- w - lr sum_k G_k z_k over
+the directions that were used, lr travelling with the downlink. The server also keeps
+the running total of the scalars, the state a new client needs to rebuild the weights
+from w_0.
 """
 
 from __future__ import annotations
@@ -20,83 +22,122 @@ import torch
 
 import ferret_kernels as fk
 
-from .base import Algorithm, ClientMessage, Timer, decode_tensors, encode_tensors, micro_batch_loss
+from .base import (
+    Announcement,
+    ClientMessage,
+    ClientRole,
+    ServerRole,
+    Timer,
+    client_weights,
+    decode_tensors,
+    decode_upload,
+    encode_tensors,
+    load_round,
+    micro_batch_loss,
+    trainable,
+    upload_metadata,
+)
 
 
-class FedKSeed(Algorithm):
+def _step_along(model, seed: int, k: int, alpha: float, cfg) -> None:
+    params = [p for _, p in trainable(model)]
+    fk.perturb_blocks_(params, [p.numel() for p in params], seed, k, alpha, distribution=cfg.distribution,
+                       backend=cfg.backend)
+
+
+def _check_scalars(scalars: torch.Tensor, K: int, what: str) -> None:
+    if scalars.shape != (K,) or not bool(torch.isfinite(scalars).all()):
+        raise ValueError(f"{what} must be {K} finite numbers (kseed_candidates); got shape {tuple(scalars.shape)}")
+
+
+class FedKSeedClient(ClientRole):
     name = "fedkseed"
 
-    def __init__(self, num_candidates: int = 4096, eps: float = 5e-4, lr: float = 3e-7, seed: int = 0,
-                 distribution: str = "gaussian", backend: str = "auto", weighting: str = "samples"):
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1; got {num_candidates}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0; got {eps}")
-        self.K, self.eps, self.lr, self.seed = num_candidates, eps, lr, seed
-        self.distribution, self.backend, self.weighting = distribution, backend, weighting
-        self.accumulated = torch.zeros(num_candidates, dtype=torch.float64)
-
-    def _params(self, model) -> tuple[list[torch.nn.Parameter], list[int]]:
-        params = self.trainable(model)
-        return params, [p.numel() for p in params]
-
-    def _step_along(self, params, sizes, k: int, alpha: float) -> None:
-        fk.perturb_blocks_(params, sizes, self.seed, k, alpha, distribution=self.distribution, backend=self.backend)
-
     @torch.no_grad()
-    def client_update(self, model, steps, round_index, client_id) -> ClientMessage:
+    def train(self, model, steps, announcement, *, client_id, num_samples) -> ClientMessage:
+        cfg, K, eps, lr, seed = self.cfg, self.cfg.kseed_candidates, self.cfg.kseed_eps, announcement.lr, announcement.seed
         timer = Timer()
-        params, sizes = self._params(model)
+        params = [p for _, p in trainable(model)]
         start = [p.detach().clone() for p in params]
-        picker = random.Random(f"fedkseed/{self.seed}/{round_index}/{client_id}")
-        scalars = torch.zeros(self.K, dtype=torch.float64)
+        picker = random.Random(f"fedkseed/{seed}/{announcement.round}/{client_id}")
+        scalars = torch.zeros(K, dtype=torch.float64)
         losses = []
         model.eval()
         with timer("local"):
             for micro_batches in steps:
-                k = picker.randrange(self.K)
-                self._step_along(params, sizes, k, self.eps)
+                k = picker.randrange(K)
+                _step_along(model, seed, k, eps, cfg)
                 plus = sum(float(micro_batch_loss(model, b)) for b in micro_batches) / len(micro_batches)
-                self._step_along(params, sizes, k, -2 * self.eps)
+                _step_along(model, seed, k, -2 * eps, cfg)
                 minus = sum(float(micro_batch_loss(model, b)) for b in micro_batches) / len(micro_batches)
-                g = (plus - minus) / (2 * self.eps)
-                self._step_along(params, sizes, k, self.eps - self.lr * g)
+                g = (plus - minus) / (2 * eps)
+                _step_along(model, seed, k, eps - lr * g, cfg)
                 scalars[k] += g
                 losses.append((plus + minus) / 2)
         with timer("compress"):
-            payload = encode_tensors({"scalars": scalars.float()}, {"algorithm": self.name, "round": str(round_index)})
+            payload = encode_tensors({"scalars": scalars.float()},
+                                     upload_metadata(self.name, announcement.round, num_samples))
         for p, s in zip(params, start, strict=True):
             p.copy_(s)
-        samples = sum(len(b["input_ids"]) for micro in steps for b in micro)
-        return ClientMessage(payload, samples, sum(losses) / max(len(losses), 1), timer.seconds)
-
-    def aggregate(self, messages: Sequence[ClientMessage], round_index: int) -> bytes:
-        if not messages:
-            raise ValueError("no client messages to aggregate")
-        weights = [m.num_samples if self.weighting == "samples" else 1 for m in messages]
-        mean = torch.zeros(self.K, dtype=torch.float64)
-        for m, w in zip(messages, weights, strict=True):
-            t, _ = decode_tensors(m.payload, {"algorithm": self.name, "round": str(round_index)})
-            scalars = t["scalars"]
-            if scalars.shape != (self.K,) or not bool(torch.isfinite(scalars).all()):
-                raise ValueError(f"client scalars must be {self.K} finite numbers")
-            mean += scalars.double() * (w / sum(weights))
-        return encode_tensors({"scalars": mean.float()},
-                              {"algorithm": self.name, "round": str(round_index), "kind": "global"})
+        return ClientMessage(payload, num_samples, sum(losses) / max(len(losses), 1), timer.seconds)
 
     @torch.no_grad()
-    def apply_(self, model, payload: bytes, round_index: int) -> None:
-        t, _ = decode_tensors(payload, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
-        scalars = t["scalars"]
-        params, sizes = self._params(model)
+    def apply_(self, model, downlink, round_index) -> None:
+        t, metadata = decode_tensors(downlink, {"algorithm": self.name, "round": str(round_index), "kind": "global"})
+        scalars = t.get("scalars")
+        if scalars is None:
+            raise ValueError("fedkseed downlink has no 'scalars' tensor")
+        _check_scalars(scalars, self.cfg.kseed_candidates, "fedkseed downlink scalars")
+        try:
+            lr, seed = float(metadata["lr"]), int(metadata["seed"])
+        except (KeyError, ValueError):
+            raise ValueError("fedkseed downlink lacks a valid lr or seed: the message is corrupted") from None
         for k in torch.nonzero(scalars).flatten().tolist():
-            self._step_along(params, sizes, k, -self.lr * float(scalars[k]))
-        self.accumulated += scalars.double()
+            _step_along(model, seed, k, -lr * float(scalars[k]), self.cfg)
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {"accumulated": self.accumulated}
 
-    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        if set(tensors) != {"accumulated"} or tensors["accumulated"].shape != (self.K,):
-            raise ValueError(f"FedKSeed checkpoint state must be 'accumulated' of shape ({self.K},)")
-        self.accumulated = tensors["accumulated"].double()
+class FedKSeedServer(ServerRole):
+    name = "fedkseed"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.accumulated = torch.zeros(cfg.kseed_candidates, dtype=torch.float64)
+        self._replay = FedKSeedClient(cfg, model)
+
+    def announce(self, round_index: int) -> Announcement:
+        self.check_round(round_index)
+        return Announcement(round_index, self.cfg.seed, self.cfg.kseed_lr)
+
+    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
+        self.check_round(round_index)
+        K = self.cfg.kseed_candidates
+        decoded = [decode_upload(u, self.name, round_index) for u in uploads]
+        weights = client_weights([s for _, s in decoded], self.cfg.weighting)
+        mean = torch.zeros(K, dtype=torch.float64)
+        for (t, _), w in zip(decoded, weights, strict=True):
+            scalars = t.get("scalars")
+            if scalars is None:
+                raise ValueError(f"round {round_index}: a fedkseed upload has no 'scalars' tensor")
+            _check_scalars(scalars, K, "client scalars")
+            mean += scalars.double() * w
+        wired = mean.float()
+        downlink = encode_tensors({"scalars": wired}, {"algorithm": self.name, "round": str(round_index),
+                                                       "kind": "global", "lr": repr(float(self.cfg.kseed_lr)),
+                                                       "seed": str(self.cfg.seed)})
+        self.accumulated += wired.double()
+        self._round += 1
+        return downlink
+
+    def apply_(self, model, downlink, round_index) -> None:
+        self._replay.apply_(model, downlink, round_index)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**super().state_dict(), "accumulated": self.accumulated.clone()}
+
+    def load_state_dict(self, state) -> None:
+        round_index = load_round(state, self.name, {"accumulated"})
+        acc = state["accumulated"]
+        if acc.dtype != torch.float64 or acc.shape != (self.cfg.kseed_candidates,):
+            raise ValueError(f"fedkseed server state['accumulated'] must be float64 of shape "
+                             f"({self.cfg.kseed_candidates},)")
+        self._round, self.accumulated = round_index, acc.clone()

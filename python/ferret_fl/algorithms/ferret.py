@@ -1,10 +1,11 @@
 """Ferret (Shu et al., ICML 2025) on the ferret_kernels API.
 
 Clients take ordinary first-order steps, then send K seeded-projection coefficients of
-their update (one ``project_blocks`` launch); the server merges the coefficients of
-the round (all clients share the round's seed) and every client replays the merged
-``GlobalUpdate`` to reach the new global weights (one ``reconstruct_blocks_`` launch).
-The server learning rate may decay geometrically per round.
+their update (one ``project_blocks`` launch) under the seed the server announced; the
+server merges the round's coefficients in one ``Aggregator`` kept for the whole run (so
+momentum, clipping and the fixed seed pool carry across rounds), and every peer replays
+the merged ``GlobalUpdate`` to reach the new global weights (one ``reconstruct_blocks_``
+launch). The server learning rate may decay geometrically per round.
 """
 
 from __future__ import annotations
@@ -13,63 +14,109 @@ from collections.abc import Sequence
 
 import torch
 
-from ferret_kernels import Aggregator, FerretPlan, round_seed, wire
+from ferret_kernels import Aggregator, FerretPlan, wire
 
-from .base import Algorithm, ClientMessage, LocalConfig, Timer, local_sgd
+from .base import (
+    Announcement,
+    ClientMessage,
+    ClientRole,
+    ServerRole,
+    Timer,
+    derived_seed,
+    local_sgd,
+    seeded_torch,
+)
 
-_WIRE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+def build_plan(cfg, model) -> FerretPlan:
+    """The plan every peer builds from the run config and its copy of the model."""
+    return FerretPlan.from_model(model, cfg.budget, distribution=cfg.distribution, allocation=cfg.allocation,
+                                 scale=cfg.scale, backend=cfg.backend)
 
 
-class Ferret(Algorithm):
+class FerretClient(ClientRole):
     name = "ferret"
 
-    def __init__(self, model, local: LocalConfig, *, budget: int, server_lr: float, server_lr_decay: float = 1.0,
-                 distribution: str = "gaussian", allocation: str = "norm", scale: str = "unbiased",
-                 coefficient_dtype: str = "float32", backend: str = "auto", seed: int = 0):
-        if coefficient_dtype not in _WIRE_DTYPES:
-            raise ValueError(f"coefficient_dtype must be one of {sorted(_WIRE_DTYPES)}; got {coefficient_dtype!r}")
-        self.local = local
-        self.plan = FerretPlan.from_model(model, budget, distribution=distribution, allocation=allocation,
-                                          scale=scale, backend=backend)
-        self.server_lr, self.server_lr_decay = server_lr, server_lr_decay
-        self.wire_dtype = _WIRE_DTYPES[coefficient_dtype]
-        self.base_seed = seed
-        self._server_update = None
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.plan = build_plan(cfg, model)
 
-    def seed_for(self, round_index: int) -> int:
-        return round_seed(self.base_seed, round_index)
-
-    def client_update(self, model, steps, round_index, client_id) -> ClientMessage:
+    def train(self, model, steps, announcement, *, client_id, num_samples) -> ClientMessage:
         timer = Timer()
-        samples = sum(len(b["input_ids"]) for micro in steps for b in micro)
+        params = self.plan.parameters(model)
         with timer("local"):
-            cr = self.plan.client_round(model, round=round_index, seed=self.seed_for(round_index),
-                                        num_samples=samples).begin()
+            cr = self.plan.client_round(model, round=announcement.round, seed=announcement.seed,
+                                        num_samples=num_samples).begin()
             try:
-                loss = local_sgd(model, self.plan.parameters(model), steps, self.local)
+                with seeded_torch(derived_seed(self.cfg.seed, f"local/{announcement.round}/{client_id}"),
+                                  params[0].device):
+                    loss = local_sgd(model, params, steps, optimizer=self.cfg.optimizer, lr=announcement.lr,
+                                     max_grad_norm=self.cfg.max_grad_norm)
             except BaseException:
                 cr.discard()
                 raise
         with timer("compress"):
             update = cr.compress()
-            payload = wire.encode_client_update(update, dtype=self.wire_dtype)
-        return ClientMessage(payload, samples, loss, timer.seconds)
+            payload = wire.encode_client_update(update, dtype=self.cfg.coefficient_dtype)
+        return ClientMessage(payload, num_samples, loss, timer.seconds)
 
-    def aggregate(self, messages: Sequence[ClientMessage], round_index: int) -> bytes:
-        slr = self.server_lr * self.server_lr_decay ** (round_index - 1)
-        agg = Aggregator(self.plan, round=round_index, base_seed=self.base_seed, server_lr=slr,
-                         wire_dtype=self.wire_dtype)
-        for m in messages:
-            agg.add(wire.decode_client_update(m.payload, self.plan, round=round_index))
-        self._server_update = agg.aggregate()
-        return wire.encode_global_update(self._server_update, dtype=self.wire_dtype)
+    def apply_(self, model, downlink, round_index) -> None:
+        wire.decode_global_update(downlink, self.plan, round=round_index).apply_(model)
 
-    def apply_(self, model, payload: bytes, round_index: int) -> None:
+
+class FerretServer(ServerRole):
+    """Ferret's server: one ``Aggregator`` for the run. ``last_update`` is the GlobalUpdate
+    of the latest aggregated round (what ``apply_`` checks the downlink against)."""
+
+    name = "ferret"
+
+    def __init__(self, cfg, model):
+        super().__init__(cfg, model)
+        self.plan = build_plan(cfg, model)
+        self.aggregator = self._new_aggregator()
+        self.last_update = None
+
+    def _new_aggregator(self) -> Aggregator:
+        cfg = self.cfg
+        return Aggregator(self.plan, round=1, base_seed=cfg.seed, seed_schedule=cfg.seed_schedule,
+                          weighting=cfg.weighting, server_lr=cfg.server_lr, momentum=cfg.server_momentum,
+                          clip_norm=cfg.clip_norm, clip=cfg.clip, wire_dtype=wire.DTYPES[cfg.coefficient_dtype])
+
+    @property
+    def round(self) -> int:
+        return self.aggregator.round
+
+    def server_lr(self, round_index: int) -> float:
+        return self.cfg.server_lr * self.cfg.server_lr_decay ** (round_index - 1)
+
+    def announce(self, round_index: int) -> Announcement:
+        self.check_round(round_index)
+        return Announcement(round_index, self.aggregator.seed, self.cfg.lr)
+
+    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
+        self.check_round(round_index)
+        if not uploads:
+            raise ValueError(f"no client uploads to aggregate in round {round_index}")
+        updates = [wire.decode_client_update(payload, self.plan, round=round_index) for payload in uploads]
+        before = self.state_dict()
+        try:
+            for update in updates:
+                self.aggregator.add(update)
+            update = self.aggregator.aggregate(server_lr=self.server_lr(round_index))
+            downlink = wire.encode_global_update(update, dtype=self.cfg.coefficient_dtype)
+        except BaseException:
+            # a refused round leaves the server as it was, so the round can be retried
+            self.aggregator = self._new_aggregator()
+            self.load_state_dict(before)
+            raise
+        self.last_update = update
+        return downlink
+
+    def apply_(self, model, downlink, round_index) -> None:
         """Replay the downlink as a client does, after checking it carries exactly what
         the server aggregated (the condition for every replica to reach the same bits)."""
-        replay = wire.decode_global_update(payload, self.plan, round=round_index)
-        server = self._server_update
+        replay = wire.decode_global_update(downlink, self.plan, round=round_index)
+        server = self.last_update
         if server is not None and server.round == round_index:
             same = (replay.seeds == server.seeds and replay.counts == server.counts
                     and replay.server_lr == server.server_lr
@@ -78,3 +125,43 @@ class Ferret(Algorithm):
                 raise RuntimeError(f"round {round_index}: the encoded GlobalUpdate differs from what the server "
                                    "aggregated; clients would diverge from the server")
         replay.apply_(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return aggregator_state_dict(self.aggregator)
+
+    def load_state_dict(self, state) -> None:
+        load_aggregator_state_dict(self.aggregator, state)
+
+
+# SHIM until ferret_kernels ships Aggregator.state_dict / load_state_dict (same format:
+# "round" 0-d int64; with momentum "momentum_counts" (L,) int64 and "momentum" float64).
+# Remove both functions at merge and call the methods directly.
+def aggregator_state_dict(agg: Aggregator) -> dict[str, torch.Tensor]:
+    if hasattr(agg, "state_dict"):
+        return agg.state_dict()
+    state = {"round": torch.tensor(agg.round, dtype=torch.int64)}
+    if agg._momentum is not None:  # noqa: SLF001
+        state["momentum_counts"] = torch.tensor(agg._momentum[0], dtype=torch.int64)  # noqa: SLF001
+        state["momentum"] = agg._momentum[1].clone()  # noqa: SLF001
+    return state
+
+
+def load_aggregator_state_dict(agg: Aggregator, state: dict[str, torch.Tensor]) -> None:
+    if hasattr(agg, "load_state_dict"):
+        agg.load_state_dict(state)
+        return
+    from .base import load_round
+
+    has_momentum = "momentum" in state or "momentum_counts" in state
+    round_index = load_round(state, "ferret", {"momentum", "momentum_counts"} if has_momentum else set())
+    momentum = None
+    if has_momentum:
+        if not agg.momentum:
+            raise ValueError("the checkpoint holds server momentum but server_momentum is 0")
+        counts = agg.plan.check_counts(state["momentum_counts"].tolist(), what="state['momentum_counts']",
+                                       exact_budget=False)
+        m = state["momentum"]
+        if m.dtype != torch.float64 or m.numel() != sum(counts) or not bool(torch.isfinite(m).all()):
+            raise ValueError("state['momentum'] must hold sum(momentum_counts) finite float64 values")
+        momentum = (counts, m.clone())
+    agg.round, agg._momentum = round_index, momentum  # noqa: SLF001
