@@ -127,41 +127,7 @@ class FerretServer(ServerRole):
         replay.apply_(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return aggregator_state_dict(self.aggregator)
+        return self.aggregator.state_dict()
 
     def load_state_dict(self, state) -> None:
-        load_aggregator_state_dict(self.aggregator, state)
-
-
-# SHIM until ferret_kernels ships Aggregator.state_dict / load_state_dict (same format:
-# "round" 0-d int64; with momentum "momentum_counts" (L,) int64 and "momentum" float64).
-# Remove both functions at merge and call the methods directly.
-def aggregator_state_dict(agg: Aggregator) -> dict[str, torch.Tensor]:
-    if hasattr(agg, "state_dict"):
-        return agg.state_dict()
-    state = {"round": torch.tensor(agg.round, dtype=torch.int64)}
-    if agg._momentum is not None:  # noqa: SLF001
-        state["momentum_counts"] = torch.tensor(agg._momentum[0], dtype=torch.int64)  # noqa: SLF001
-        state["momentum"] = agg._momentum[1].clone()  # noqa: SLF001
-    return state
-
-
-def load_aggregator_state_dict(agg: Aggregator, state: dict[str, torch.Tensor]) -> None:
-    if hasattr(agg, "load_state_dict"):
-        agg.load_state_dict(state)
-        return
-    from .base import load_round
-
-    has_momentum = "momentum" in state or "momentum_counts" in state
-    round_index = load_round(state, "ferret", {"momentum", "momentum_counts"} if has_momentum else set())
-    momentum = None
-    if has_momentum:
-        if not agg.momentum:
-            raise ValueError("the checkpoint holds server momentum but server_momentum is 0")
-        counts = agg.plan.check_counts(state["momentum_counts"].tolist(), what="state['momentum_counts']",
-                                       exact_budget=False)
-        m = state["momentum"]
-        if m.dtype != torch.float64 or m.numel() != sum(counts) or not bool(torch.isfinite(m).all()):
-            raise ValueError("state['momentum'] must hold sum(momentum_counts) finite float64 values")
-        momentum = (counts, m.clone())
-    agg.round, agg._momentum = round_index, momentum  # noqa: SLF001
+        self.aggregator.load_state_dict(state)
