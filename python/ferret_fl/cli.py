@@ -15,14 +15,6 @@ import sys
 
 from . import config, report
 
-# Flags that map onto RunConfig fields (flag name = field name with dashes).
-RUN_FLAGS = {
-    "algorithm": str, "model": str, "data": str, "num_clients": int, "clients_per_round": float, "rounds": int,
-    "local_steps": int, "batch_size": int, "grad_accum": int, "lr": float, "server_lr": float, "budget": int,
-    "device": str, "dtype": str, "seed": int, "output_dir": str, "distribution": str, "eval_every": int,
-    "max_new_tokens": int, "eval_samples": int, "backend": str, "max_length": int,
-}
-
 # The demo: small enough for a 2-core CPU in minutes, large enough that Rouge-L moves.
 DEMO = dict(model="smollm2-135m", data="synthetic", clients_per_round=2, rounds=3, local_steps=3, batch_size=2,
             grad_accum=1, max_length=256, lr=1e-3, eval_every=0, eval_samples=32, eval_loss_samples=48,
