@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c ci/constraints-cpu.txt)
 STAMP := $(VENV)/.installed
 
-.PHONY: install test gpu-audit gpu-audit-triton36 demo bench lint fuzz clean
+.PHONY: install test gpu-audit gpu-audit-triton36 demo bench lint fuzz crash clean
 
 $(STAMP): pyproject.toml setup.py ci/constraints-cpu.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -56,6 +56,12 @@ bench: $(STAMP)
 FUZZ_N ?= 100000
 fuzz: $(STAMP)
 	$(PY) tests/fuzz_messages.py --n $(FUZZ_N)
+
+# kill -9 `ferret-fl run` at CRASH_KILLS random moments, resume each time: the final
+# weights and metrics must equal an uninterrupted run's bit for bit.
+CRASH_KILLS ?= 20
+crash: $(STAMP)
+	$(PY) tests/crash_resume.py --kills $(CRASH_KILLS) --json crash-result.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ferret_kernels python tests benchmarks setup.py
