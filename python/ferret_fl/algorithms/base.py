@@ -28,7 +28,7 @@ import json
 import math
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -122,6 +122,7 @@ class ServerRole:
     def __init__(self, cfg: RunConfig, model: torch.nn.Module):
         self.cfg = cfg
         self._round = 1
+        self.refusals: list[dict] = []
 
     @property
     def round(self) -> int:
@@ -136,9 +137,38 @@ class ServerRole:
         self.check_round(round_index)
         return Announcement(round_index, self.cfg.seed, self.cfg.lr)
 
-    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
-        """The round's downlink from its clients' uploads; advances ``round``."""
+    def aggregate(self, round_index: int, uploads: Sequence[bytes], *, client_ids: Sequence | None = None,
+                  skip_refused: bool = False) -> bytes:
+        """The round's downlink from its clients' uploads; advances ``round``.
+
+        client_ids: who sent each upload (default: its position), for refusal records.
+        skip_refused: refuse a bad upload alone - record it in ``refusals`` (dicts of
+        round, client_id, reason, detail) and go on with the others, as a deployment
+        must - instead of raising (the simulation, whose uploads all come from itself).
+        Raises ValueError when no upload is accepted; the server is then unchanged."""
         raise NotImplementedError
+
+    def admit_each(self, round_index: int, uploads: Sequence[bytes], client_ids: Sequence | None,
+                   skip_refused: bool, admit: Callable[[object, bytes], object]) -> list:
+        """``admit(client_id, payload)`` of every upload, in order; with ``skip_refused`` a
+        ValueError (MessageError included) refuses that upload only and is recorded in
+        ``refusals``. Raises ValueError when nothing is admitted."""
+        ids = list(range(len(uploads))) if client_ids is None else list(client_ids)
+        if len(ids) != len(uploads):
+            raise ValueError(f"client_ids has {len(ids)} entries for {len(uploads)} uploads")
+        self.refusals = []
+        admitted = []
+        for client_id, payload in zip(ids, uploads, strict=True):
+            try:
+                admitted.append(admit(client_id, payload))
+            except ValueError as exc:
+                if not skip_refused:
+                    raise
+                self.refusals.append(refusal(round_index, client_id, exc))
+        if not admitted:
+            reasons = "; ".join(f"client {r['client_id']}: {r['detail']}" for r in self.refusals)
+            raise ValueError(f"no client uploads to aggregate in round {round_index}" + (f" ({reasons})" if reasons else ""))
+        return admitted
 
     def apply_(self, model: torch.nn.Module, downlink: bytes, round_index: int) -> None:
         """Apply the downlink to the server's model exactly as every client replays it."""
@@ -151,6 +181,12 @@ class ServerRole:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore ``state_dict`` output; checked first, nothing changes on a bad dict."""
         self._round = load_round(state, self.name, set())
+
+
+def refusal(round_index: int, client_id, exc: ValueError) -> dict:
+    """A refused upload as ``ServerRole.refusals`` lists it (the library's record shape)."""
+    return {"round": round_index, "client_id": client_id, "reason": getattr(exc, "reason", "invalid"),
+            "detail": str(exc)}
 
 
 def trainable(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -84,25 +84,31 @@ class FedAvgServer(ServerRole):
         self.server_lr = cfg.fedavg_server_lr
         self.shapes = {n: tuple(p.shape) for n, p in trainable(model)}
 
-    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
-        """Float32 weighted mean, tensor by tensor, of the uploads."""
+    def aggregate(self, round_index: int, uploads: Sequence[bytes], *, client_ids=None, skip_refused=False) -> bytes:
+        """Float32 weighted mean, tensor by tensor, of the uploads (in the order given)."""
         self.check_round(round_index)
-        decoded = [decode_upload(u, self.name, round_index) for u in uploads]
+        decoded = self.admit_each(round_index, uploads, client_ids, skip_refused,
+                                  lambda _, payload: self._decode(round_index, payload))
         weights = client_weights([s for _, s in decoded], self.cfg.weighting)
         mean = {n: torch.zeros(s, dtype=torch.float32) for n, s in self.shapes.items()}
         for (tensors, _), w in zip(decoded, weights, strict=True):
-            if set(tensors) != set(mean):
-                raise ValueError(f"round {round_index}: an upload does not name the model's trainable parameters")
             for n, t in tensors.items():
-                if tuple(t.shape) != self.shapes[n]:
-                    raise ValueError(f"round {round_index}: upload tensor {n} has shape {tuple(t.shape)}, expected "
-                                     f"{self.shapes[n]}")
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"round {round_index}: upload tensor {n} is not finite (the client diverged)")
                 mean[n].add_(t.float(), alpha=w)
         downlink = encode_tensors(mean, {**_global_expected(self.name, round_index), "server_lr": repr(self.server_lr)})
         self._round += 1
         return downlink
+
+    def _decode(self, round_index: int, payload: bytes) -> tuple[dict[str, torch.Tensor], int]:
+        tensors, samples = decode_upload(payload, self.name, round_index)
+        if set(tensors) != set(self.shapes):
+            raise ValueError(f"round {round_index}: an upload does not name the model's trainable parameters")
+        for n, t in tensors.items():
+            if tuple(t.shape) != self.shapes[n]:
+                raise ValueError(f"round {round_index}: upload tensor {n} has shape {tuple(t.shape)}, expected "
+                                 f"{self.shapes[n]}")
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"round {round_index}: upload tensor {n} is not finite (the client diverged)")
+        return tensors, samples
 
     def apply_(self, model, downlink, round_index) -> None:
         replay_mean_update(self.name, model, downlink, round_index)

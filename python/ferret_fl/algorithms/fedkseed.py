@@ -108,17 +108,13 @@ class FedKSeedServer(ServerRole):
         self.check_round(round_index)
         return Announcement(round_index, self.cfg.seed, self.cfg.kseed_lr)
 
-    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
+    def aggregate(self, round_index: int, uploads: Sequence[bytes], *, client_ids=None, skip_refused=False) -> bytes:
         self.check_round(round_index)
-        K = self.cfg.kseed_candidates
-        decoded = [decode_upload(u, self.name, round_index) for u in uploads]
+        decoded = self.admit_each(round_index, uploads, client_ids, skip_refused,
+                                  lambda _, payload: self._decode(round_index, payload))
         weights = client_weights([s for _, s in decoded], self.cfg.weighting)
-        mean = torch.zeros(K, dtype=torch.float64)
-        for (t, _), w in zip(decoded, weights, strict=True):
-            scalars = t.get("scalars")
-            if scalars is None:
-                raise ValueError(f"round {round_index}: a fedkseed upload has no 'scalars' tensor")
-            _check_scalars(scalars, K, "client scalars")
+        mean = torch.zeros(self.cfg.kseed_candidates, dtype=torch.float64)
+        for (scalars, _), w in zip(decoded, weights, strict=True):
             mean += scalars.double() * w
         wired = mean.float()
         downlink = encode_tensors({"scalars": wired}, {"algorithm": self.name, "round": str(round_index),
@@ -127,6 +123,14 @@ class FedKSeedServer(ServerRole):
         self.accumulated += wired.double()
         self._round += 1
         return downlink
+
+    def _decode(self, round_index: int, payload: bytes) -> tuple[torch.Tensor, int]:
+        t, samples = decode_upload(payload, self.name, round_index)
+        scalars = t.get("scalars")
+        if scalars is None:
+            raise ValueError(f"round {round_index}: a fedkseed upload has no 'scalars' tensor")
+        _check_scalars(scalars, self.cfg.kseed_candidates, "client scalars")
+        return scalars, samples
 
     def apply_(self, model, downlink, round_index) -> None:
         self._replay.apply_(model, downlink, round_index)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ferret_kernels import Aggregator, FerretPlan, wire
+from ferret_kernels import Aggregator, FerretPlan, MessageError, wire
 
 from .base import (
     Announcement,
@@ -73,6 +73,7 @@ class FerretServer(ServerRole):
     def __init__(self, cfg, model):
         super().__init__(cfg, model)
         self.plan = build_plan(cfg, model)
+        self.model = model
         self.aggregator = self._new_aggregator()
         self.last_update = None
 
@@ -93,16 +94,25 @@ class FerretServer(ServerRole):
         self.check_round(round_index)
         return Announcement(round_index, self.aggregator.seed, self.cfg.lr)
 
-    def aggregate(self, round_index: int, uploads: Sequence[bytes]) -> bytes:
+    def aggregate(self, round_index: int, uploads: Sequence[bytes], *, client_ids=None, skip_refused=False) -> bytes:
+        """The merged GlobalUpdate's bytes; it names the server model's weights (which are
+        the round's starting weights until ``apply_``) as its start_digest, so a peer
+        holding other weights refuses it."""
         self.check_round(round_index)
-        if not uploads:
-            raise ValueError(f"no client uploads to aggregate in round {round_index}")
-        updates = [wire.decode_client_update(payload, self.plan, round=round_index) for payload in uploads]
+
+        def admit(client_id, payload):
+            try:
+                update = wire.decode_client_update(payload, self.plan, round=round_index)
+            except MessageError as exc:
+                self.aggregator.record_refusal(exc, client_id=client_id)
+                raise
+            self.aggregator.add(update, client_id=client_id)
+
         before = self.state_dict()
         try:
-            for update in updates:
-                self.aggregator.add(update)
-            update = self.aggregator.aggregate(server_lr=self.server_lr(round_index))
+            self.admit_each(round_index, uploads, client_ids, skip_refused, admit)
+            update = self.aggregator.aggregate(server_lr=self.server_lr(round_index),
+                                               start_digest=self.plan.digest(self.model))
             downlink = wire.encode_global_update(update, dtype=self.cfg.coefficient_dtype)
         except BaseException:
             # a refused round leaves the server as it was, so the round can be retried
@@ -110,6 +120,7 @@ class FerretServer(ServerRole):
             self.load_state_dict(before)
             raise
         self.last_update = update
+        self.refusals = list(self.aggregator.last_report["refusals"])
         return downlink
 
     def apply_(self, model, downlink, round_index) -> None:
