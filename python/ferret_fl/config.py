@@ -28,12 +28,14 @@ from typing import Any
 from ferret_kernels.config import BACKENDS
 from ferret_kernels.plan import ALLOCATIONS, SCALES, SEED_SCHEDULES
 from ferret_kernels.rng import DISTRIBUTIONS
-from ferret_kernels.server import CLIP_MODES, WEIGHTINGS
+from ferret_kernels.robust import AGGREGATIONS
+from ferret_kernels.server import CLIP_MODES, DEFAULT_INFLUENCE_CAP, DEFAULT_MAX_STEP, DEFAULT_SAMPLE_CAP, WEIGHTINGS
 from ferret_kernels.wire import DTYPES as WIRE_DTYPES
 
 from .models import DTYPES as MODEL_DTYPES
 
 ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit")
+ATTACKS = ("scaled", "random", "sign_flip")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -81,6 +83,21 @@ class RunConfig:
     clip: str = setting("block", "Ferret: how clip_norm measures a block")
     coefficient_dtype: str = setting("float32", "Ferret: dtype of the coefficients on the wire")
     backend: str = setting("auto", "ferret_kernels backend")
+    aggregation: str = setting("mean", "Ferret: how the server merges the round's coefficients (median and trimmed_mean "
+                               "resist Byzantine clients; docs/security.md)")
+    trim_fraction: float = setting(0.1, "Ferret: fraction dropped from each end per coefficient by trimmed_mean")
+    norm_bound: float | None = setting(None, "Ferret: scale each client's update to at most this estimated norm "
+                                             "(null: none)")
+    max_step: float | None = setting(DEFAULT_MAX_STEP, "Ferret: refuse an update that could move a weight further "
+                                                       "than this (null: off)")
+    influence_cap: float | None = setting(DEFAULT_INFLUENCE_CAP, "Ferret: refuse an update whose worst-case influence "
+                                                                 "exceeds this multiple of the round's median (null: off)")
+    sample_cap: float | None = setting(DEFAULT_SAMPLE_CAP, "Ferret: cap declared sample counts at this multiple of the "
+                                                           "round's median (null: off)")
+    byzantine_fraction: float = setting(0.0, "Ferret: fraction of each round's clients that attack (experiments; "
+                                             "attacks.py)")
+    attack: str = setting("scaled", "Ferret: what Byzantine clients send: scaled (x -100), random (noise of 100x the "
+                                    "honest norm), sign_flip")
     # FedAvg and FedIT
     fedavg_server_lr: float = setting(1.0, "FedAvg / FedIT: server step on the mean client update (1: plain mean)")
     # FedKSeed
@@ -127,6 +144,15 @@ class RunConfig:
                 raise ValueError(f"{name} must be > 0, or null for no clipping; got {getattr(self, name)}")
         if self.divergence_factor != 0 and not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, or 0 to never stop; got {self.divergence_factor}")
+        for name in ("norm_bound", "max_step", "influence_cap", "sample_cap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, or null to turn it off; got {getattr(self, name)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5); got {self.trim_fraction}")
+        if not 0 <= self.byzantine_fraction < 1:
+            raise ValueError(f"byzantine_fraction must be in [0, 1); got {self.byzantine_fraction}")
+        if self.byzantine_fraction and self.algorithm != "ferret":
+            raise ValueError(f"byzantine_fraction is implemented for algorithm=ferret; got {self.algorithm!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0; got {self.eval_every}")
         if self.seed < 0:
@@ -150,6 +176,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip": tuple(CLIP_MODES),
     "coefficient_dtype": tuple(WIRE_DTYPES),
     "backend": tuple(BACKENDS),
+    "aggregation": tuple(AGGREGATIONS),
+    "attack": ATTACKS,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -39,6 +39,8 @@ TRAINED_KEYS: dict[str, type | tuple[type, ...]] = {
 # Keys a row may carry.
 OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {
     "rouge_l": (int, float),  # Rouge-L F1 (%), on rounds where it was computed
+    "byzantine": list,  # client ids that attacked this round (attacks.py experiments)
+    "refusals": list,  # uploads the server refused: {"client_id", "reason", "detail"}
 }
 
 

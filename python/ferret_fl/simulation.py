@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, evaluation, metrics
+from . import attacks, checkpoint, evaluation, metrics
 from .algorithms import build_client, build_server, prepare_model
 from .config import RunConfig, as_dict
 from .data import FederatedDataset, collate, named_rng, tokenize_examples
@@ -213,6 +213,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         announcement = server.announce(r)
+        byzantine = attacks.attackers(cfg.seed, r, clients, cfg.byzantine_fraction)
         messages = []
         bar = tqdm(clients, desc=f"round {r}/{cfg.rounds}", disable=not progress, leave=False)
         for c in bar:
@@ -221,12 +222,17 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
             steps = client_steps(cfg, tokenized[c], r, c, tokenizer.pad_token_id)
             msg = client.train(model, steps, announcement, client_id=c,
                                num_samples=len(usable_examples(tokenized[c])))
+            if c in byzantine:
+                msg.payload = attacks.corrupt(msg.payload, client.plan, cfg.attack, round_index=r, seed=cfg.seed,
+                                              client_id=c, dtype=cfg.coefficient_dtype)
             messages.append(msg)
             for phase in ("local", "compress"):
                 seconds[phase] += msg.seconds.get(phase, 0.0)
             bar.set_postfix(client=c, loss=f"{msg.train_loss:.4f}")
         t = time.perf_counter()
-        downlink = server.aggregate(r, [m.payload for m in messages])
+        # Refused uploads are dropped and recorded, as a deployment's server must; the
+        # round fails only when nothing is left.
+        downlink = server.aggregate(r, [m.payload for m in messages], client_ids=clients, skip_refused=True)
         seconds["aggregate"] = time.perf_counter() - t
         t = time.perf_counter()
         server.apply_(model, downlink, r)
@@ -241,11 +247,17 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
                                 eval_loss=loss, upload_sizes=[len(m.payload) for m in messages],
                                 downlink_size=len(downlink), previous=rows[-1], seconds=seconds,
                                 peak_memory_bytes=peak_memory_bytes(cfg.device), rouge_l=rouge)
+        if byzantine:
+            row["byzantine"] = sorted(byzantine)
+        if server.refusals:
+            row["refusals"] = [{k: v for k, v in x.items() if k != "round"} for x in server.refusals]
         rows.append(row)
         # Metrics first: a crash before the checkpoint lands redoes this round on resume.
         metrics.write(cfg.output_dir, rows)
         log(f"round {r}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}"
             + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else "")
+            + (f", refused {len(row['refusals'])} ({', '.join(x['reason'] for x in row['refusals'])})"
+               if "refusals" in row else "")
             + f", up {row['bytes_up']:,} B, down {row['bytes_down']:,} B, local {seconds['local']:.1f}s, "
             f"compress {seconds['compress']:.2f}s, aggregate {seconds['aggregate']:.2f}s, apply {seconds['apply']:.2f}s")
         check_divergence(cfg, rows[:-1], row)

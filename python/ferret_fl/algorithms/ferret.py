@@ -81,7 +81,9 @@ class FerretServer(ServerRole):
         cfg = self.cfg
         return Aggregator(self.plan, round=1, base_seed=cfg.seed, seed_schedule=cfg.seed_schedule,
                           weighting=cfg.weighting, server_lr=cfg.server_lr, momentum=cfg.server_momentum,
-                          clip_norm=cfg.clip_norm, clip=cfg.clip, wire_dtype=wire.DTYPES[cfg.coefficient_dtype])
+                          clip_norm=cfg.clip_norm, clip=cfg.clip, wire_dtype=wire.DTYPES[cfg.coefficient_dtype],
+                          max_step=cfg.max_step, influence_cap=cfg.influence_cap, sample_cap=cfg.sample_cap,
+                          aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction, norm_bound=cfg.norm_bound)
 
     @property
     def round(self) -> int:
