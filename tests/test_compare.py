@@ -48,7 +48,7 @@ def test_compare_runs_resumes_skips_and_reports(tmp_path, monkeypatch):
 
     for row in ("| echo the input |", "| no training |", "| ferret | 2 of 2 |", "| fedavg | 2 of 2 |",
                 "Rouge-L (Ferret code)", "Rouge-L (rouge-score)", "exact match", "Δ Rouge-L", "**Ferret vs FedAvg:**",
-                "| ferret | SGD lr 0.001, 1 steps x 2 examples; K = 64 gaussian bases"):
+                "| ferret | SGD lr 0.0003, 1 steps x 2 examples; K = 64 gaussian bases"):
         assert row in text, row
     with open(os.path.join(out, "comparison.md")) as f:
         assert f.read() == text
@@ -60,7 +60,7 @@ def test_compare_runs_resumes_skips_and_reports(tmp_path, monkeypatch):
     logs.clear()
     compare.compare(out, log=logs.append, **quiet)
     assert sum("finished, skipped" in line for line in logs) == 4
-    with pytest.raises(ValueError, match="lr: 0.001 -> 0.002"):
+    with pytest.raises(ValueError, match="lr: 0.0003 -> 0.002"):
         compare.compare(out, algorithms=algorithms, seeds=seeds, sets=[*TINY, "fedavg.lr=0.002"], progress=False,
                         log=lambda s: None)
     with pytest.raises(ValueError, match="max_new_tokens"):

@@ -46,8 +46,10 @@ COMMON = dict(
     # 3 steps of 2 examples: a round's local work stays below Ferret's fixed compression cost; the
     # paper's max length (the longest example of the subset has 745 tokens: none is cut).
     local_steps=3, batch_size=2, grad_accum=1, max_length=1024,
-    # 10x the paper's SGD lr: the paper takes 10 steps of 4 examples a round, we take 3 of 2.
-    lr=1e-3, optimizer="sgd",
+    # 3x the paper's SGD lr (it takes 10 steps of 4 examples a round, we take 3 of 2). At 1e-3 Ferret
+    # diverged in round 3 of the demo: each round's rebuilt update carries noise of about
+    # sqrt(d / K) |update| in fresh random directions, and it piles up; 3e-4 makes it a third.
+    lr=3e-4, optimizer="sgd",
     # Rouge-L on every held-out example (13 x 16) after the last round; held-out loss every round
     # on 4 examples per task; 64 new tokens cover the longest reference (52 tokens).
     eval_every=0, eval_samples=208, eval_loss_samples=52, max_new_tokens=64, eval_batch_size=8,
@@ -70,13 +72,15 @@ DEFAULT_SEEDS = (1, 2, 3, 4, 5)
 # Settings every run of one comparison must share: they define the benchmark and round 0.
 SHARED = ("model", "dtype", "device", "data", "data_seed", "num_clients", "dirichlet_alpha", "min_client_samples",
           "rounds", "max_length", "eval_every", "eval_samples", "eval_loss_samples", "max_new_tokens")
+# The settings round 0 (the initial model on the held-out sets) depends on.
+BASELINE_KEYS = tuple(k for k in SHARED if k not in ("rounds", "eval_every", "device"))
 REFERENCE = "fedavg"
 METRIC = "rouge_l_paper"
 # The claim the issue asks the table to test: Ferret keeps at least this fraction of FedAvg's gain.
 GAIN_TARGET = 0.9
 
 # `make demo`: the same benchmark, cut to run in minutes on 2 cores.
-DEMO = dict(rounds=3, clients_per_round=2, eval_samples=52, eval_loss_samples=26)
+DEMO = dict(rounds=3, clients_per_round=2, eval_samples=26, eval_loss_samples=13)
 DEMO_SEEDS = (1,)
 DEMO_ALGORITHMS = ("ferret", "fedavg")
 
@@ -165,9 +169,9 @@ def baselines(output_dir: str, cfg: RunConfig, progress: bool, log: Callable[[st
     comparison and saved with its per-example scores and the echo baseline's under baselines/."""
     folder = os.path.join(output_dir, BASELINES)
     row_path = os.path.join(folder, "initial-row.json")
-    shared = {k: v for k, v in config.as_dict(cfg).items() if k in SHARED}
+    shared = {k: v for k, v in config.as_dict(cfg).items() if k in BASELINE_KEYS}
     if os.path.isfile(row_path):
-        _check_same(os.path.join(folder, CONFIG_FILE), shared, SHARED, "the baselines")
+        _check_same(os.path.join(folder, CONFIG_FILE), shared, BASELINE_KEYS, "the baselines")
         return _read_json(row_path)
     from .models import load_causal_lm
 
