@@ -68,6 +68,27 @@ def test_compare_runs_resumes_skips_and_reports(tmp_path, monkeypatch):
                         log=lambda s: None)
 
 
+def test_a_diverged_run_is_recorded_counted_and_skipped(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    run = simulation.run
+
+    def diverge_seed_2(cfg, **kwargs):
+        if cfg.seed == 2:
+            raise simulation.DivergedError("round 1: the held-out loss exploded (test)")
+        return run(cfg, **kwargs)
+
+    monkeypatch.setattr(simulation, "run", diverge_seed_2)
+    quiet = dict(algorithms=["ferret"], seeds=[1, 2], sets=[*TINY, "rounds=1"], progress=False, log=lambda s: None)
+    text = compare.compare(out, **quiet)
+    assert "| ferret | 1 of 2 (1 diverged (seed 2)) |" in text
+    with open(os.path.join(compare.run_dir(out, "ferret", 2), compare.DIVERGED_FILE)) as f:
+        assert "exploded (test)" in f.read()
+    logs = []
+    monkeypatch.setattr(simulation, "run", lambda *a, **k: pytest.fail("ran again"))
+    compare.compare(out, **{**quiet, "log": logs.append})
+    assert any("seed 2: diverged, skipped" in line for line in logs)
+
+
 def test_cli_compare_report_only_and_errors(tmp_path, capsys):
     assert cli.main(["compare", "--output-dir", str(tmp_path), "--report-only", "--no-progress"]) == 2
     assert "has `ferret-fl compare` started there" in capsys.readouterr().err

@@ -259,7 +259,7 @@ class Method:
     settings: dict  # the config of its first run
     finished: dict[int, tuple[list[dict], evaluation.EvalResult]]  # seed -> (metrics rows, final scores)
     partial: dict[int, list[dict]]  # seed -> rows so far
-    diverged: list[int]
+    diverged: dict[int, list[dict]]  # seed -> rows up to the round the guard stopped
 
     def scores(self, seeds: Sequence[int], metric: str = METRIC) -> np.ndarray:
         """Per-example final scores [S, N] of ``seeds`` (finished runs)."""
@@ -286,10 +286,10 @@ def collect(output_dir: str) -> tuple[dict[str, Method], dict[str, evaluation.Ev
             if not os.path.isfile(os.path.join(d, CONFIG_FILE)):
                 continue
             cfg = config.load(None, _read_json(os.path.join(d, CONFIG_FILE)))
-            method = method or Method(algorithm, config.as_dict(cfg), {}, {}, [])
+            method = method or Method(algorithm, config.as_dict(cfg), {}, {}, {})
             state = run_state(cfg)
             if state == "diverged":
-                method.diverged.append(cfg.seed)
+                method.diverged[cfg.seed] = metrics.read(d) if os.path.isfile(metrics.path(d)) else []
             elif state == "finished":
                 result = evaluation.EvalResult.load(simulation.eval_result_path(d, cfg.rounds))
                 if result.tasks != base["no training"].tasks:
@@ -354,6 +354,8 @@ def _curves(methods: dict[str, Method], base: dict, initial: dict) -> dict[str, 
     for name, m in methods.items():
         runs = [rows for rows, _ in m.finished.values()] or list(m.partial.values())
         runs = [rows for rows in runs if len(rows) > 1]
+        if not runs and m.diverged:
+            name, runs = f"{name} (diverged)", [rows for rows in m.diverged.values() if len(rows) > 1]
         if not runs:
             continue
         last = min(rows[-1]["round"] for rows in runs)
@@ -401,7 +403,8 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         planned = len(plan["seeds"]) if name in plan["algorithms"] else 0
         count = f"{len(seeds)}" + (f" of {planned}" if planned else "")
         extra = [f"{len(m.partial)} running"] if m.partial else []
-        extra += [f"{len(m.diverged)} diverged (seeds {', '.join(map(str, m.diverged))})"] if m.diverged else []
+        extra += [f"{len(m.diverged)} diverged (seed{'s' if len(m.diverged) > 1 else ''} "
+                  f"{', '.join(map(str, sorted(m.diverged)))})"] if m.diverged else []
         count += f" ({'; '.join(extra)})" if extra else ""
         runs = [rows for rows, _ in m.finished.values()] or list(m.partial.values())
         up, down = _mean_trained(runs, "bytes_up_per_client"), _mean_trained(runs, "bytes_down_per_client")
