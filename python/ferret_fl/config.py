@@ -52,7 +52,10 @@ class RunConfig:
                                          "llama-7b-shape, llama-tiny-shape)")
     dtype: str = setting("float32", "model weight dtype")
     device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
-    data: str = setting("synthetic", "'synthetic', 'dolly' (hub), 'dolly:<file.jsonl>' or 'ni:<directory>'")
+    data: str = setting("synthetic", "'ni-subset' (shipped Super-NaturalInstructions subset), 'synthetic', 'dolly' "
+                                     "(hub), 'dolly:<file.jsonl>' or 'ni:<directory>'")
+    data_seed: int = setting(42, "data seed: the synthetic instances, Dolly's split, NI's samples; kept fixed across "
+                                 "training seeds so that every run sees the same clients")
     num_clients: int = setting(200, "clients to split Dolly over (Dirichlet)")
     dirichlet_alpha: float = setting(0.5, "Dirichlet concentration of Dolly's category split")
     min_client_samples: int = setting(10, "fewest examples a Dolly client may hold")
@@ -109,8 +112,11 @@ class RunConfig:
     lora_alpha: int = setting(16, "FedIT: LoRA alpha")
     # evaluation
     eval_every: int = setting(0, "Rouge-L every this many rounds (0: only before the first and after the last)")
-    eval_samples: int = setting(64, "held-out examples for Rouge-L")
-    eval_loss_samples: int = setting(64, "held-out examples for the held-out loss (every round)")
+    eval_samples: int = setting(64, "held-out examples for Rouge-L and exact match, split equally over every "
+                                    "held-out task (eval_samples // tasks each, at least 1, at most the smallest "
+                                    "task); drawn with a fixed seed, never the training seed")
+    eval_loss_samples: int = setting(64, "held-out examples for the held-out loss (every round), split over the "
+                                         "held-out tasks like eval_samples")
     max_new_tokens: int = setting(128, "generation budget for Rouge-L")
     eval_batch_size: int = setting(8, "evaluation batch size")
     divergence_factor: float = setting(1.5, "stop the run when the held-out loss exceeds this factor times the best "
@@ -155,8 +161,9 @@ class RunConfig:
             raise ValueError(f"byzantine_fraction is implemented for algorithm=ferret; got {self.algorithm!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0; got {self.eval_every}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
