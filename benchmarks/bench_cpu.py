@@ -1,17 +1,15 @@
 """CPU throughput of project / reconstruct: the C++ backend against the ways around it.
 
-All in one run, in elements x bases per second per core (total rate / threads used):
+All in one run, in elements x bases per second per core (total rate / threads used);
+each figure is the median of the timed runs (common.time_call). Methods (the baselines
+are common.py's):
 
-  cpp            ferret_kernels backend="cpu" (the C++ extension)
+  cpp            ferret_kernels backend="cpp" (the C++ extension)
   torch-ref      ferret_kernels backend="torch" (the executable spec; run on a smaller d)
-  materialise    a chunk of V from torch.randn (gaussian) or torch.randint (rademacher),
-                 then one matmul per chunk, in float32
-  paper          the reference code's way: per seed (basis) and block, torch.manual_seed,
-                 a float16 trunc_normal_ vector, then a dot (project) or an add_
-                 (reconstruct); it only has a gaussian-ish generator, so the same
-                 numbers stand for both distributions
-  roofline       generation alone: the C++ Philox and float stages for K bases x d
-                 elements, summed, with no input read (ferret_kernels.cpu.generate_sum)
+  materialise    common.materialise: torch's generator, then matmul, in float32
+  paper          common.paper: the reference code's per-seed trunc_normal_ (float16),
+                 then a dot or an axpy; the same numbers stand for both distributions
+  roofline       common.roofline: the C++ generation alone (generate_sum)
 
 Each method runs with torch.set_num_threads(t) for every t in --threads (default 1 and
 2). torch's CPU generator is serial, so materialise and paper use one core whatever t
@@ -25,121 +23,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
+from common import environment, materialise, paper, roofline, time_call
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ferret_kernels as fk  # noqa: E402
-from ferret_kernels import backends  # noqa: E402
+import ferret_kernels as fk
+from ferret_kernels import backends
 
 SEED = 2024
 
 
-def best_seconds(fn, repeats: int, min_time: float = 0.0) -> float:
-    """Best wall time of ``repeats`` runs after one warm-up (the machine may be shared,
-    so the minimum is the least disturbed); keeps repeating until ``min_time`` is spent."""
-    fn()
-    times, spent = [], 0.0
-    while len(times) < repeats or spent < min_time:
-        t0 = time.perf_counter()
-        fn()
-        dt = time.perf_counter() - t0
-        times.append(dt)
-        spent += dt
-    return min(times)
+def ferret_op(backend):
+    def make(op, dist, d, K):
+        x = torch.randn(d)
+        gamma = torch.randn(K) * 1e-6
+        if op == "project":
+            return lambda: fk.project(x, SEED, K, distribution=dist, backend=backend)
+        return lambda: fk.reconstruct_(x, gamma, SEED, alpha=1e-3, distribution=dist, backend=backend)
 
-
-# ------------------------------------------------------------------------------- methods
-# Each returns a zero-argument callable doing K bases x d elements of one op.
-
-def cpp_op(op, dist, d, K):
-    x = torch.randn(d)
-    gamma = torch.randn(K) * 1e-6
-    if op == "project":
-        return lambda: fk.project(x, SEED, K, distribution=dist, backend="cpu")
-    return lambda: fk.reconstruct_(x, gamma, SEED, alpha=1e-3, distribution=dist, backend="cpu")
-
-
-def torch_ref_op(op, dist, d, K):
-    x = torch.randn(d)
-    gamma = torch.randn(K) * 1e-6
-    if op == "project":
-        return lambda: fk.project(x, SEED, K, distribution=dist, backend="torch")
-    return lambda: fk.reconstruct_(x, gamma, SEED, alpha=1e-3, distribution=dist, backend="torch")
-
-
-def materialise_op(op, dist, d, K, chunk_floats=1 << 20):
-    """V in chunks of about 4 MiB (K rows x n columns), each generated then multiplied."""
-    x = torch.randn(d)
-    gamma = torch.randn(K) * 1e-6
-    n = max(128, chunk_floats // K)
-    g = torch.Generator().manual_seed(SEED)
-
-    def chunk(cols):
-        if dist == "gaussian":
-            return torch.randn(K, cols, generator=g)
-        return torch.randint(0, 2, (K, cols), generator=g, dtype=torch.float32).mul_(2).sub_(1)
-
-    def project():
-        out = torch.zeros(K)
-        for i in range(0, d, n):
-            m = min(n, d - i)
-            out += chunk(m) @ x[i:i + m]
-        return out
-
-    def reconstruct():
-        for i in range(0, d, n):
-            m = min(n, d - i)
-            x[i:i + m].add_(gamma @ chunk(m), alpha=1e-3)
-
-    return project if op == "project" else reconstruct
-
-
-def paper_op(op, dist, d, K):
-    """Per (seed, block): manual_seed, float16 trunc_normal_, then dot / add_ (one block)."""
-    x = torch.randn(d)
-    x16 = x.half()
-    gamma = torch.randn(K) * 1e-6
-    v = torch.empty(d, dtype=torch.float16)
-    bound = 1 / math.sqrt(d)
-
-    def draw(k):
-        torch.manual_seed(SEED + k)
-        torch.nn.init.trunc_normal_(v, mean=0.0, std=1.0, a=-bound, b=bound)
-
-    def project():
-        out = torch.empty(K)
-        for k in range(K):
-            draw(k)
-            out[k] = torch.dot(v, x16).float()
-        return out
-
-    def reconstruct():
-        for k in range(K):
-            draw(k)
-            x.add_(v, alpha=1e-3 * float(gamma[k]))
-
-    return project if op == "project" else reconstruct
-
-
-def roofline_op(op, dist, d, K):
-    from ferret_kernels import cpu
-
-    return lambda: cpu.generate_sum(SEED, K, d, dist)
+    return make
 
 
 METHODS = {
-    "cpp": cpp_op,
-    "torch-ref": torch_ref_op,
-    "materialise": materialise_op,
-    "paper": paper_op,
-    "roofline": roofline_op,
+    "cpp": ferret_op("cpp"),
+    "torch-ref": ferret_op("torch"),
+    "materialise": lambda op, dist, d, K: materialise(op, dist, torch.randn(d), torch.randn(K) * 1e-6, SEED),
+    "paper": lambda op, dist, d, K: paper(op, torch.randn(d), torch.randn(K) * 1e-6, SEED),
+    "roofline": lambda op, dist, d, K: roofline("cpp", dist, d, K, SEED, "cpu"),
 }
 
 
@@ -177,10 +90,11 @@ def main(argv=None) -> int:
                                 rows.append(dict(prev, dist=dist))
                                 continue
                             k_run = min(K, args.paper_K)
-                        seconds = best_seconds(make(op, dist, d, k_run), args.repeats, min_time=0.2)
-                        rate = d * k_run / seconds
+                        timing = time_call(make(op, dist, d, k_run), args.repeats, min_time=0.2)
+                        rate = d * k_run / timing.median
                         rows.append(dict(threads=threads, dist=dist, K=K, op=op, method=name, d=d, k_timed=k_run,
-                                         seconds=seconds, rate=rate, rate_per_core=rate / threads))
+                                         seconds=timing.median, seconds_min=timing.min, runs=len(timing.runs),
+                                         rate=rate, rate_per_core=rate / threads))
                         print(f"  t={threads} {dist:10s} K={K:<3d} {op:11s} {name:11s} "
                               f"{rate / threads / 1e6:10.1f} M/s/core", file=sys.stderr, flush=True)
 
@@ -188,10 +102,10 @@ def main(argv=None) -> int:
         return next(r["rate_per_core"] for r in rows if (r["threads"], r["dist"], r["K"], r["op"], r["method"])
                     == (threads, dist, K, op, method))
 
-    print(f"\nferret_kernels CPU benchmark: d = {args.d} (torch-ref d = {args.torch_d}), "
-          f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+    env = environment()
+    print(f"\nferret_kernels CPU benchmark: d = {args.d} (torch-ref d = {args.torch_d}), {env}, "
           f"C++ path {_C.simd_target()}\n")
-    print("Elements x bases per second per core (M/s/core = total rate / threads).\n")
+    print("Elements x bases per second per core (M/s/core = total rate / threads), medians.\n")
     header = "| threads | dist | K | op | " + " | ".join(METHODS) + " | cpp/paper | cpp/materialise | cpp/roofline |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
@@ -221,8 +135,8 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(args={k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(args).items()},
-                                             simd_target=_C.simd_target(), torch=torch.__version__,
-                                             machine=platform.machine(), rows=rows, ratios=ratios), indent=2))
+                                             env=env, simd_target=_C.simd_target(), machine=platform.machine(),
+                                             rows=rows, ratios=ratios), indent=2))
         print(f"\nsaved {args.json}")
     return 0
 

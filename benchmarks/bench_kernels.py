@@ -1,12 +1,13 @@
 """Throughput of seeded project / reconstruct, side by side in one run.
 
-Rates are elements x bases per second (d * K / seconds), and per core on the CPU.
-Compared on the same device and sizes:
-  ferret:<backend>   our fused ops (triton on CUDA; cpu = C++ extension; torch reference)
-  materialise+matmul torch.randn a chunk of V, then matmul (what one writes in torch)
+Rates are elements x bases per second (d * K / seconds, seconds the median of the
+timed runs; common.time_call, or triton.testing.do_bench's median on CUDA), and per
+core on the CPU. Compared on the same device and sizes (baselines from common.py):
+  ferret:<backend>   our fused ops (triton on CUDA; cpp = C++ extension; torch reference)
+  materialise+matmul torch's generator for a chunk of V, then matmul
   reference-code     the paper's code: per basis torch.manual_seed(seed), trunc_normal_,
                      then a dot (project) or an axpy (reconstruct)
-  generate-only      the same Philox + Box-Muller with no input read: the roofline
+  generate-only      the backend's generation alone (generate_sum): the roofline
 
     python benchmarks/bench_kernels.py                      # CPU, d = 2**20, K = 32
     python benchmarks/bench_kernels.py --device cuda --d 67108864 --K 64
@@ -17,92 +18,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import platform
-import statistics
-import subprocess
-import time
-from datetime import date
 from functools import partial
 
 import torch
+from common import environment, materialise, paper, roofline, time_call
 
 import ferret_kernels as fk
 from ferret_kernels import backends
 
-# Columns of V materialised at once by the matmul baseline: 64 MiB of float32 at K = 64.
-MATERIALISE_CHUNK = 1 << 18
-
 
 def timed(fn, device: str, repeat: int) -> float:
-    """Median seconds of ``fn`` over ``repeat`` runs after one warm-up."""
+    """Median seconds of ``fn``."""
     if device == "cuda":
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=max(100, 20 * repeat), return_mode="median") / 1e3
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def materialise_project(x, K, gen):
-    gamma = torch.zeros(K, device=x.device)
-    for i in range(0, x.numel(), MATERIALISE_CHUNK):
-        chunk = x[i:i + MATERIALISE_CHUNK]
-        v = torch.randn(K, chunk.numel(), device=x.device, generator=gen)
-        gamma += v @ chunk
-    return gamma
-
-
-def materialise_reconstruct(out, gamma, gen):
-    for i in range(0, out.numel(), MATERIALISE_CHUNK):
-        chunk = out[i:i + MATERIALISE_CHUNK]
-        v = torch.randn(gamma.numel(), chunk.numel(), device=out.device, generator=gen)
-        chunk += gamma @ v
-    return out
-
-
-def reference_code_project(x, K, dtype):
-    """The paper's way: one full-size truncated-normal draw per seed, then a dot."""
-    bound = 1 / math.sqrt(x.numel())
-    gamma = torch.empty(K, device=x.device)
-    for seed in range(K):
-        torch.manual_seed(seed)
-        v = torch.nn.init.trunc_normal_(torch.empty(x.numel(), device=x.device, dtype=dtype), 0, 1, -bound, bound)
-        gamma[seed] = torch.dot(v.float(), x)
-    return gamma
-
-
-def reference_code_reconstruct(out, gamma, dtype):
-    bound = 1 / math.sqrt(out.numel())
-    for seed in range(gamma.numel()):
-        torch.manual_seed(seed)
-        v = torch.nn.init.trunc_normal_(torch.empty(out.numel(), device=out.device, dtype=dtype), 0, 1, -bound, bound)
-        out.add_(v.float(), alpha=float(gamma[seed]))
-    return out
-
-
-def generate_only(device: str, d: int, K: int, dist: str):
-    if device == "cuda":
-        from ferret_kernels.ops.generate import generate_sum
-
-        return lambda: generate_sum(d, K, 0, dist, device)
-    if backends.cpu_extension() is not None:
-        from ferret_kernels import cpu
-
-        return lambda: cpu.generate_sum(0, K, d, dist)
-    return None
-
-
-def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return time_call(fn, repeat).median
 
 
 def run(args) -> list[dict]:
@@ -111,7 +42,6 @@ def run(args) -> list[dict]:
     cores = torch.get_num_threads() if device == "cpu" else 1
     x = torch.randn(d, device=device)
     gamma = torch.randn(K, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
     rows = []
 
     def record(method, op, dist, fn, size_d=d):
@@ -122,7 +52,7 @@ def run(args) -> list[dict]:
         print(f"  {method:<20} {op:<12} {dist:<10} {seconds * 1e3:10.2f} ms  {rate / cores:12.4g} /s/core",
               flush=True)
 
-    ferret_backends = ["triton"] if device == "cuda" else (["cpu"] if backends.cpu_extension() else [])
+    ferret_backends = ["triton"] if device == "cuda" else (["cpp"] if backends.cpu_extension() else [])
     for dist in args.dist:
         for be in ferret_backends:
             record(f"ferret:{be}", "project", dist, partial(fk.project, x, 1, K, distribution=dist, backend=be))
@@ -136,15 +66,14 @@ def run(args) -> list[dict]:
                    small)
             record("ferret:torch", "reconstruct", dist,
                    partial(fk.reconstruct_, outs, gamma, 1, distribution=dist, backend="torch"), small)
-        gen_fn = generate_only(device, d, K, dist)
-        if gen_fn is not None:
-            record("generate-only", "-", dist, gen_fn)
-    record("materialise+matmul", "project", "torch.randn", lambda: materialise_project(x, K, gen))
+        if ferret_backends:
+            record("generate-only", "-", dist, roofline(ferret_backends[0], dist, d, K, 0, device))
+    record("materialise+matmul", "project", "torch.randn", materialise("project", "gaussian", x, gamma, 0))
     out = torch.zeros(d, device=device)
-    record("materialise+matmul", "reconstruct", "torch.randn", lambda: materialise_reconstruct(out, gamma, gen))
+    record("materialise+matmul", "reconstruct", "torch.randn", materialise("reconstruct", "gaussian", out, gamma, 0))
     draw_dtype = torch.float16 if device == "cuda" else torch.float32
-    record("reference-code", "project", "trunc_normal", lambda: reference_code_project(x, K, draw_dtype))
-    record("reference-code", "reconstruct", "trunc_normal", lambda: reference_code_reconstruct(out, gamma, draw_dtype))
+    record("reference-code", "project", "trunc_normal", paper("project", x, gamma, 0, draw_dtype))
+    record("reference-code", "reconstruct", "trunc_normal", paper("reconstruct", out, gamma, 0, draw_dtype))
     return rows
 
 
@@ -183,9 +112,7 @@ def main():
     p.add_argument("--no-torch-reference", dest="torch_reference", action="store_false")
     p.add_argument("--json", help="write rows and environment to this path")
     args = p.parse_args()
-    env = dict(date=str(date.today()), commit=commit(), device=args.device,
-               name=torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-               threads=torch.get_num_threads(), torch=torch.__version__)
+    env = environment(args.device)
     print(f"# {env}", flush=True)
     rows = run(args)
     print()

@@ -1,7 +1,7 @@
 """Every environment variable ferret_kernels reads, read here and nowhere else.
 
 FERRET_BACKEND    backend that ``backend="auto"`` resolves to when set
-                  (one of triton, cpu, torch); unset: choose by device.
+                  (one of triton, cpp, torch; cpu = cpp); unset: choose by device.
 TRITON_INTERPRET  when "1", Triton kernels run in Triton's CPU interpreter, so
                   ``backend="triton"`` accepts CPU tensors (tests, no GPU).
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 
-BACKENDS = ("auto", "triton", "cpu", "torch")
+# Accepted ``backend=`` values: "auto", the backend names, and "cpu" (an alias of "cpp",
+# the name the C++ backend had first).
+BACKENDS = ("auto", "triton", "cpp", "cpu", "torch")
 
 
 def default_backend() -> str:

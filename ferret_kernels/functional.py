@@ -6,6 +6,10 @@ A 1-D call works on block ``block`` and maps ``x.view(-1)[i]`` to element
 ``offset + i``; the ``*_blocks`` calls lay L blocks end to end and use bases
 k = 0..K_l-1 of block ``block_ids[l]`` (default l). Scaling such as 1/(rho K) is the
 caller's business: these compute raw V x and V^T gamma.
+
+Backends (``backend=``): "auto" (Triton on CUDA, C++ on CPU when built, else torch),
+"triton", "cpp" (alias "cpu") or "torch"; see ``backends``. The layout and its tables
+are cached (``layout.py``), so repeated calls on one model redo no layout work.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from numbers import Real
 import torch
 
 from . import backends, rng
-from .layout import BlockLayout, Segment, flat_views
+from .layout import BlockLayout, SegmentTable, flat_views, segment_table, single_segment
 
 TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -60,11 +64,27 @@ def _check_gamma(gamma, length: int, device: torch.device) -> torch.Tensor:
     return gamma.contiguous()
 
 
-def _single_block(numel: int, K: int, block: int, offset: int) -> tuple[BlockLayout, list[Segment]]:
-    """A one-block layout whose only segment is the whole tensor, starting at element ``offset``."""
+def _single_block(numel: int, K: int, block: int, offset: int) -> tuple[BlockLayout, SegmentTable]:
+    """A one-block layout over elements offset .. offset + numel - 1 of ``block``; its
+    one segment is the whole tensor (the elements before ``offset`` belong to no tensor)."""
     _check_int(offset, "offset", 0, 2**62 - numel)
     layout = BlockLayout.build([offset + numel], [K], [block])
-    return layout, [Segment(0, 0, numel, 0, offset)]
+    return layout, single_segment(numel, offset)
+
+
+def _cut(layout: BlockLayout, views: list[torch.Tensor]) -> SegmentTable:
+    """The cached segment table of ``views`` laid end to end over ``layout``."""
+    return segment_table(layout.sizes, tuple(v.numel() for v in views))
+
+
+def _seed_layouts(block_sizes, counts: Sequence[Sequence[int]], block_ids) -> list[BlockLayout]:
+    """One layout per seed, seed g's coefficients following those of seeds 0..g-1."""
+    layouts, start = [], 0
+    for per_seed in counts:
+        lay = BlockLayout.build(block_sizes, per_seed, block_ids)
+        layouts.append(lay.shifted(start))
+        start += lay.total_count
+    return layouts
 
 
 def basis(seed: int, K: int, d: int, *, block: int = 0, offset: int = 0, k_begin: int = 0,
@@ -81,8 +101,7 @@ def basis(seed: int, K: int, d: int, *, block: int = 0, offset: int = 0, k_begin
     _check_int(offset, "offset", 0, 2**62 - d)
     _check_distribution(distribution)
     device = torch.device(device)
-    impl = backends.module(backends.resolve(backend, device))
-    return impl.basis_rows(seed, K, d, block, offset, k_begin, distribution, device)
+    return backends.get(backend, device).basis_rows(seed, K, d, block, offset, k_begin, distribution, device)
 
 
 def project(x: torch.Tensor, seed: int, K: int, *, block: int = 0, offset: int = 0,
@@ -97,9 +116,8 @@ def project(x: torch.Tensor, seed: int, K: int, *, block: int = 0, offset: int =
     _check_int(K, "K", 1, 2**32)
     _check_int(block, "block", 0, 2**32)
     _check_distribution(distribution)
-    layout, segments = _single_block(views[0].numel(), K, block, offset)
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    return impl.project_segments(views, segments, layout, seed, distribution)
+    layout, cut = _single_block(views[0].numel(), K, block, offset)
+    return backends.get(backend, views[0].device).project_segments(views, cut, layout, seed, distribution)
 
 
 def reconstruct_(out: torch.Tensor, gamma: torch.Tensor, seed: int, *, alpha: float = 1.0, block: int = 0,
@@ -120,9 +138,8 @@ def reconstruct_(out: torch.Tensor, gamma: torch.Tensor, seed: int, *, alpha: fl
     K = gamma.numel()
     _check_int(K, "gamma.numel() (K)", 1, 2**32)
     gamma = _check_gamma(gamma, K, views[0].device)
-    layout, segments = _single_block(views[0].numel(), K, block, offset)
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution)
+    layout, cut = _single_block(views[0].numel(), K, block, offset)
+    backends.get(backend, views[0].device).reconstruct_seeds(views, cut, [layout], gamma, [seed], alpha, distribution)
     return out
 
 
@@ -135,10 +152,10 @@ def perturb_(out: torch.Tensor, seed: int, k: int, alpha: float, *, block: int =
     _check_int(k, "k", 0, 2**32)
     _check_int(block, "block", 0, 2**32)
     _check_distribution(distribution)
-    layout, segments = _single_block(views[0].numel(), 1, block, offset)
+    layout, cut = _single_block(views[0].numel(), 1, block, offset)
+    impl = backends.get(backend, views[0].device)
     gamma = torch.ones(1, dtype=torch.float32, device=views[0].device)
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [[k]])
+    impl.reconstruct_seeds(views, cut, [layout], gamma, [seed], alpha, distribution, [[k]])
     return out
 
 
@@ -156,9 +173,8 @@ def project_blocks(x: TensorOrTensors, block_sizes: Sequence[int], counts: Seque
     views = flat_views(x, "x")
     _check_distribution(distribution)
     layout = BlockLayout.build(block_sizes, counts, block_ids)
-    segments = layout.segments([v.numel() for v in views])
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    return impl.project_segments(views, segments, layout, seed, distribution)
+    impl = backends.get(backend, views[0].device)
+    return impl.project_segments(views, _cut(layout, views), layout, seed, distribution)
 
 
 def reconstruct_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], counts: Sequence, gamma: torch.Tensor,
@@ -188,15 +204,10 @@ def reconstruct_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], counts
             raise ValueError(f"with {len(seeds)} seeds, counts must be {len(seeds)} sequences of per-block counts")
     else:
         seeds, counts = [rng.check_seed(seed)], [counts]
-    layouts, start = [], 0
-    for per_seed in counts:
-        lay = BlockLayout.build(block_sizes, per_seed, block_ids)
-        layouts.append(BlockLayout(lay.sizes, lay.counts, lay.block_ids, tuple(o + start for o in lay.coef_offsets)))
-        start += lay.total_count
-    gamma = _check_gamma(gamma, start, views[0].device)
-    segments = layouts[0].segments([v.numel() for v in views])
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_seeds(views, segments, layouts, gamma, seeds, alpha, distribution)
+    layouts = _seed_layouts(block_sizes, counts, block_ids)
+    gamma = _check_gamma(gamma, sum(lay.total_count for lay in layouts), views[0].device)
+    impl = backends.get(backend, views[0].device)
+    impl.reconstruct_seeds(views, _cut(layouts[0], views), layouts, gamma, seeds, alpha, distribution)
     return out
 
 
@@ -214,8 +225,8 @@ def perturb_blocks_(out: TensorOrTensors, block_sizes: Sequence[int], seed: int,
     _check_int(k, "k", 0, 2**32)
     _check_distribution(distribution)
     layout = BlockLayout.build(block_sizes, [1] * len(block_sizes), block_ids)
+    impl = backends.get(backend, views[0].device)
     gamma = torch.ones(layout.total_count, dtype=torch.float32, device=views[0].device)
-    segments = layout.segments([v.numel() for v in views])
-    impl = backends.module(backends.resolve(backend, views[0].device))
-    impl.reconstruct_seeds(views, segments, [layout], gamma, [seed], alpha, distribution, [[k] * len(layout.sizes)])
+    impl.reconstruct_seeds(views, _cut(layout, views), [layout], gamma, [seed], alpha, distribution,
+                           [[k] * len(layout.sizes)])
     return out

@@ -23,7 +23,7 @@ def available_backends() -> list[tuple[str, str]]:
     try:
         import ferret_kernels._C  # noqa: F401
 
-        pairs.append(("cpu", "cpu"))
+        pairs.append(("cpp", "cpu"))
     except ImportError:
         pass
     return pairs

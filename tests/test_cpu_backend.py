@@ -1,4 +1,4 @@
-"""The C++ CPU backend (ferret_kernels._C through ferret_kernels.cpu).
+"""The C++ CPU backend (ferret_kernels._C through ferret_kernels.backends.cpp, backend="cpp").
 
 Basis values and the reconstruct family must be bit-identical to the RNG contract
 (``rng``, the torch backend) and to the Triton kernels (run here in Triton's CPU
@@ -18,22 +18,13 @@ import torch  # noqa: E402
 
 _C = pytest.importorskip("ferret_kernels._C")
 
+from helpers import assert_bitwise, dense_basis  # noqa: E402
+
 import ferret_kernels as fk  # noqa: E402
 from ferret_kernels import rng  # noqa: E402
 
 DISTS = rng.DISTRIBUTIONS
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEW[t.dtype])
-
-
-def assert_bitwise(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
-    diff = bits(a) != bits(b)
-    assert not diff.any(), f"{int(diff.sum())} of {a.numel()} elements differ, first at {diff.nonzero()[0].tolist()}"
 
 
 def triton_or_skip():
@@ -79,7 +70,7 @@ def test_basis_matches_rng(case, distribution):
 @pytest.mark.parametrize("distribution", DISTS)
 def test_basis_public_api_matches_torch_backend(distribution):
     args = dict(block=3, offset=2**32 - 9, k_begin=4, distribution=distribution)
-    got = fk.basis(2**64 - 3, 5, 1001, backend="cpu", **args)
+    got = fk.basis(2**64 - 3, 5, 1001, backend="cpp", **args)
     assert_bitwise(got, fk.basis(2**64 - 3, 5, 1001, backend="torch", **args))
 
 
@@ -109,12 +100,12 @@ RAGGED = dict(block_sizes=[500, 700, 1, 1066, 600, 299], counts=[3, 0, 2, 5, 1, 
 def test_reconstruct_blocks_matches_torch(distribution, dtype):
     gamma = torch.randn(sum(RAGGED["counts"]), generator=torch.Generator().manual_seed(1))
     outs = {}
-    for backend in ("cpu", "torch"):
+    for backend in ("cpp", "torch"):
         tensors = _ragged_tensors([dtype] * 4)
         fk.reconstruct_blocks_(tensors, RAGGED["block_sizes"], RAGGED["counts"], gamma, 2**64 - 7, alpha=-0.3,
                                block_ids=RAGGED["block_ids"], distribution=distribution, backend=backend)
         outs[backend] = tensors
-    for a, b in zip(outs["cpu"], outs["torch"], strict=True):
+    for a, b in zip(outs["cpp"], outs["torch"], strict=True):
         assert_bitwise(a, b)
 
 
@@ -123,12 +114,12 @@ def test_reconstruct_blocks_mixed_dtypes(distribution):
     gamma = torch.randn(sum(RAGGED["counts"]), generator=torch.Generator().manual_seed(2)) * 1e-2
     dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
     outs = {}
-    for backend in ("cpu", "torch"):
+    for backend in ("cpp", "torch"):
         tensors = _ragged_tensors(dtypes, seed=3)
         fk.reconstruct_blocks_(tensors, RAGGED["block_sizes"], RAGGED["counts"], gamma, 42, alpha=1 / 3,
                                block_ids=RAGGED["block_ids"], distribution=distribution, backend=backend)
         outs[backend] = tensors
-    for a, b in zip(outs["cpu"], outs["torch"], strict=True):
+    for a, b in zip(outs["cpp"], outs["torch"], strict=True):
         assert_bitwise(a, b)
 
 
@@ -139,7 +130,7 @@ def test_reconstruct_and_perturb_match_torch(distribution, dtype):
     gamma = torch.randn(6, generator=torch.Generator().manual_seed(5))
     for offset in (0, 2**32 - 1000, 2**40 + 77):
         a, b = x.clone(), x.clone()
-        for out, backend in ((a, "cpu"), (b, "torch")):
+        for out, backend in ((a, "cpp"), (b, "torch")):
             fk.reconstruct_(out, gamma, 2**64 - 1, alpha=0.7, block=11, offset=offset, distribution=distribution,
                             backend=backend)
             fk.perturb_(out, 5, 2**32 - 1, -1e-3, block=2, offset=offset, distribution=distribution,
@@ -157,7 +148,7 @@ def test_reconstruct_large_tensor_matches_torch(distribution, threads):
     for n in (1, 2):
         torch.set_num_threads(n)
         got = x.clone()
-        fk.reconstruct_(got, gamma, 8, offset=999, distribution=distribution, backend="cpu")
+        fk.reconstruct_(got, gamma, 8, offset=999, distribution=distribution, backend="cpp")
         assert_bitwise(got, want)
 
 
@@ -167,12 +158,12 @@ def test_reconstruct_matches_triton(distribution, dtype):
     triton_or_skip()
     tensors = {b: [torch.randn(700, generator=torch.Generator().manual_seed(8)).to(dtype),
                    torch.randn(2, 655, generator=torch.Generator().manual_seed(9)).to(dtype)]
-               for b in ("cpu", "triton")}
+               for b in ("cpp", "triton")}
     gamma = torch.randn(5, generator=torch.Generator().manual_seed(10))
     for backend, ts in tensors.items():
         fk.reconstruct_blocks_(ts, [300, 1710], [2, 3], gamma, 2**64 - 11, alpha=0.25, block_ids=[2**32 - 1, 6],
                                distribution=distribution, backend=backend)
-    for a, b in zip(tensors["cpu"], tensors["triton"], strict=True):
+    for a, b in zip(tensors["cpp"], tensors["triton"], strict=True):
         assert_bitwise(a, b)
 
 
@@ -181,11 +172,11 @@ def test_perturb_and_basis_match_triton(distribution):
     triton_or_skip()
     x = torch.randn(1030, generator=torch.Generator().manual_seed(11)).to(torch.bfloat16)
     a, b = x.clone(), x.clone()
-    fk.perturb_(a, 3, 7, 0.01, block=1, offset=2**34 - 500, distribution=distribution, backend="cpu")
+    fk.perturb_(a, 3, 7, 0.01, block=1, offset=2**34 - 500, distribution=distribution, backend="cpp")
     fk.perturb_(b, 3, 7, 0.01, block=1, offset=2**34 - 500, distribution=distribution, backend="triton")
     assert_bitwise(a, b)
     args = dict(block=5, offset=2**40 - 3, k_begin=2, distribution=distribution)
-    assert_bitwise(fk.basis(12, 2, 300, backend="cpu", **args), fk.basis(12, 2, 300, backend="triton", **args))
+    assert_bitwise(fk.basis(12, 2, 300, backend="cpp", **args), fk.basis(12, 2, 300, backend="triton", **args))
 
 
 def test_bfloat16_nan_rounds_to_canonical_nan():
@@ -194,8 +185,8 @@ def test_bfloat16_nan_rounds_to_canonical_nan():
     gives 0xFFFF for NaN, so this is checked against the contract, not the torch backend.)"""
     x = torch.tensor([float("nan"), -float("nan"), float("inf"), 1.0, -2.0, 3e38], dtype=torch.bfloat16)
     y = x.clone()
-    fk.reconstruct_(y, torch.tensor([1.0, -1.0]), 3, alpha=1e38, backend="cpu")
-    v = fk.basis(3, 2, 6, backend="cpu")
+    fk.reconstruct_(y, torch.tensor([1.0, -1.0]), 3, alpha=1e38, backend="cpp")
+    v = fk.basis(3, 2, 6, backend="cpp")
     acc = (torch.tensor(0.0) + 1.0 * v[0]) + -1.0 * v[1]
     want = x.float() + torch.tensor(1e38, dtype=torch.float32) * acc
     u = want.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
@@ -210,7 +201,7 @@ def test_float16_specials_match_torch():
                      dtype=torch.float16)
     gamma = torch.tensor([1e-3, -2e-3])
     a, b = x.clone(), x.clone()
-    fk.reconstruct_(a, gamma, 3, alpha=1e-4, backend="cpu")
+    fk.reconstruct_(a, gamma, 3, alpha=1e-4, backend="cpp")
     fk.reconstruct_(b, gamma, 3, alpha=1e-4, backend="torch")
     assert_bitwise(a, b)
 
@@ -221,7 +212,7 @@ def test_every_16_bit_pattern_round_trips_like_torch(dtype):
     rounds back, as the torch backend does. NaNs only have to stay NaN (bf16: 0x7FC0)."""
     x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
     a, b = x.clone(), x.clone()
-    fk.reconstruct_(a, torch.zeros(2), 5, alpha=0.5, backend="cpu")
+    fk.reconstruct_(a, torch.zeros(2), 5, alpha=0.5, backend="cpp")
     fk.reconstruct_(b, torch.zeros(2), 5, alpha=0.5, backend="torch")
     nan = torch.isnan(x)
     assert_bitwise(a[~nan], b[~nan])
@@ -237,7 +228,7 @@ def test_rounding_to_16_bit_matches_torch(dtype, alpha):
     results of the float32 -> bf16 / fp16 rounding."""
     a = torch.zeros(20_000, dtype=dtype)
     b = a.clone()
-    fk.reconstruct_(a, torch.ones(1), 9, alpha=alpha, backend="cpu")
+    fk.reconstruct_(a, torch.ones(1), 9, alpha=alpha, backend="cpp")
     fk.reconstruct_(b, torch.ones(1), 9, alpha=alpha, backend="torch")
     assert_bitwise(a, b)
 
@@ -247,8 +238,8 @@ def test_rounding_to_16_bit_matches_torch(dtype, alpha):
 def test_project_matches_float64(distribution, dtype):
     d, K, offset = 40_009, 9, 2**32 - 11  # crosses a work-unit boundary at 2**32
     x = torch.randn(d, generator=torch.Generator().manual_seed(12)).to(dtype)
-    got = fk.project(x, 2**64 - 5, K, block=4, offset=offset, distribution=distribution, backend="cpu")
-    V = rng.generate(2**64 - 5, 4, 0, K, offset, d, distribution).double()
+    got = fk.project(x, 2**64 - 5, K, block=4, offset=offset, distribution=distribution, backend="cpp")
+    V = dense_basis(2**64 - 5, K, d, block=4, offset=offset, distribution=distribution)
     want = V @ x.double()
     assert got.dtype == torch.float32 and got.shape == (K,)
     rel = (got.double() - want).norm() / want.norm()
@@ -260,12 +251,12 @@ def test_project_blocks_mixed_dtypes_matches_float64(distribution):
     dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float32]
     tensors = _ragged_tensors(dtypes, seed=13)
     got = fk.project_blocks(tensors, RAGGED["block_sizes"], RAGGED["counts"], 77, block_ids=RAGGED["block_ids"],
-                            distribution=distribution, backend="cpu")
+                            distribution=distribution, backend="cpp")
     flat = torch.cat([t.double().reshape(-1) for t in tensors])
     want, start = [], 0
     for size, count, bid in zip(RAGGED["block_sizes"], RAGGED["counts"], RAGGED["block_ids"], strict=True):
         if count:
-            want.append(rng.generate(77, bid, 0, count, 0, size, distribution).double() @ flat[start:start + size])
+            want.append(dense_basis(77, count, size, block=bid, distribution=distribution) @ flat[start:start + size])
         start += size
     want = torch.cat(want)
     rel = (got.double() - want).abs().max() / want.abs().max()
@@ -279,7 +270,7 @@ def test_project_is_deterministic_across_calls_and_threads(distribution, threads
     runs = []
     for n in (1, 2, 2, 1):
         torch.set_num_threads(n)
-        runs.append(fk.project(x, 31, 70, offset=5, distribution=distribution, backend="cpu"))
+        runs.append(fk.project(x, 31, 70, offset=5, distribution=distribution, backend="cpp"))
     for r in runs[1:]:
         assert_bitwise(r, runs[0])
     # Accuracy too, against float64 on the (separately verified) C++ basis.
@@ -289,18 +280,19 @@ def test_project_is_deterministic_across_calls_and_threads(distribution, threads
 
 @pytest.mark.parametrize("distribution", DISTS)
 def test_generate_sum_is_the_sum_of_the_basis(distribution):
-    from ferret_kernels import cpu
+    from ferret_kernels.backends import cpp
 
     K, d = 3, 5000
-    want = fk.basis(0, K, d, distribution=distribution, backend="cpu").double().sum().item()
-    assert math.isclose(cpu.generate_sum(0, K, d, distribution), want, rel_tol=1e-5, abs_tol=1e-2)
+    want = fk.basis(0, K, d, distribution=distribution, backend="cpp").double().sum().item()
+    assert math.isclose(cpp.generate_sum(0, K, d, distribution, "cpu"), want, rel_tol=1e-5, abs_tol=1e-2)
 
 
 def test_auto_backend_on_cpu_is_cpp(monkeypatch):
     from ferret_kernels import backends
 
     monkeypatch.delenv("FERRET_BACKEND", raising=False)
-    assert backends.resolve("auto", torch.device("cpu")) == "cpu"
+    assert backends.resolve("auto", torch.device("cpu")) == "cpp"
+    assert backends.resolve("cpu", torch.device("cpu")) == "cpp"
     assert _C.simd_target() in ("avx512f", "avx2", "default")
 
 

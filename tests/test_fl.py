@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from ferret_fl import checkpoint, cli, config, metrics, report, simulation
+from ferret_fl import checkpoint, cli, config, evaluation, metrics, report, simulation
 
 TINY = dict(model="llama-tiny-shape", data="synthetic", rounds=2, clients_per_round=2, local_steps=2, batch_size=2,
             grad_accum=2, max_length=512, lr=1e-2, server_lr=1.0, budget=96, kseed_candidates=32, kseed_lr=1e-3,
@@ -55,7 +55,12 @@ def test_metrics_schema_and_bytes(tmp_path):
     assert set(metrics.ROW_KEYS) <= set(lines[0])
     row = lines[1]
     assert set(metrics.TRAINED_KEYS) <= set(row) and set(metrics.PHASES) <= set(row["seconds"])
-    assert "rouge_l" in lines[0] and "rouge_l" in row
+    for key in ("rouge_l_paper", "rouge_l_google", "exact_match", "eval_examples"):
+        assert key in lines[0] and key in row, key
+    scores = evaluation.EvalResult.load(simulation.eval_result_path(cfg.output_dir, 1))
+    counts = {task: scores.tasks.count(task) for task in scores.tasks}
+    assert row["eval_examples"] == len(scores.tasks) and len(counts) > 1 and len(set(counts.values())) == 1
+    assert row["rouge_l_paper"] == pytest.approx(scores.mean("rouge_l_paper"))
     assert len(row["clients"]) == 2
     assert row["bytes_up"] == 2 * row["bytes_up_per_client"]
     assert row["cumulative_bytes"] == row["bytes_up"] + row["bytes_down"]
@@ -196,8 +201,26 @@ def test_run_config_reaches_every_data_source(tmp_path):
     assert dolly.num_clients == 4 and dolly.eval_tasks == ("summarization",)
     ni = simulation.load_dataset(_cfg(tmp_path, "n", data=f"ni:{fixtures}/natural_instructions"))
     assert ni.num_clients >= 1 and len(ni.eval_examples) > 0
+    subset = simulation.load_dataset(_cfg(tmp_path, "s", data="ni-subset"))
+    assert subset.num_clients == 26 and len(subset.eval_tasks) == 13
     with pytest.raises(ValueError, match="data"):
         simulation.load_dataset(_cfg(tmp_path, "x", data="imagenet"))
+
+
+def test_evaluation_sets_are_fixed_across_training_seeds(tmp_path):
+    from ferret_fl.models import load_causal_lm
+
+    _, tokenizer = load_causal_lm("llama-tiny-shape")
+    sets = []
+    for seed in (1, 7):
+        cfg = _cfg(tmp_path, f"s{seed}", seed=seed, eval_samples=30, eval_loss_samples=13)
+        evaluator = simulation.Evaluator(cfg, simulation.load_dataset(cfg), tokenizer)
+        sets.append((evaluator.generation_set, evaluator.loss_set))
+    assert sets[0] == sets[1]
+    generation, loss = sets[0]
+    tasks = simulation.load_dataset(_cfg(tmp_path, "t")).eval_tasks
+    assert generation.tasks == loss.tasks == tasks  # every held-out task, in equal numbers
+    assert len(generation) == len(tasks) * (30 // len(tasks)) and len(loss) == len(tasks)
 
 
 def test_resume_refuses_changed_settings(tmp_path):

@@ -193,7 +193,10 @@ def test_a_corrupt_upload_and_a_wrong_digest_are_refused_and_the_round_goes_on(t
     round2 = next(r for r in log if r["round"] == 2 and "nodes" in r)
     assert {(r["node_id"], r.get("client_id"), r["reason"]) for r in round2["refusals"]} == \
         {(11, None, "digest"), (22, 5, "digest")}
-    assert metrics.read(cfg.output_dir)[2]["clients"] == [13, 19]
+    row = metrics.read(cfg.output_dir)[2]
+    assert row["clients"] == [5, 13, 19]  # as the simulation counts: every upload that arrived, refused ones too
+    assert [(x.get("node_id"), x.get("client_id"), x.get("clients"), x["reason"]) for x in row["refusals"]] == \
+        [(None, 5, None, "digest"), (11, None, [22], "node-digest")]
     server = checkpoint.weights(os.path.join(cfg.output_dir, "checkpoint"))
     assert _same(_node_weights(tmp_path, cfg, 0), server) and _same(_node_weights(tmp_path, cfg, 1), server)
     assert log[-1]["sync"] and sorted(log[-1]["in_sync"]) == [11, 22]

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_bitwise, dense_basis
 
 import ferret_kernels as fk
 from ferret_kernels import rng
@@ -19,13 +20,6 @@ OUT_TOLERANCES = [
 ]
 
 
-def dense_basis(seed, K, d, *, block=0, offset=0, k_begin=0, dist="gaussian") -> torch.Tensor:
-    """float64 (K, d) from the pointwise contract, independent of every op under test."""
-    k = torch.arange(k_begin, k_begin + K)[:, None]
-    j = torch.arange(offset, offset + d)[None, :]
-    return rng.elements(seed, block, k, j, dist).double()
-
-
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double().cpu() - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -36,8 +30,7 @@ def test_basis_bitwise(backend_device, dist, offset):
     backend, device = backend_device
     got = fk.basis(11, 3, 261, block=4, offset=offset, k_begin=2, distribution=dist, device=device, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (3, 261)
-    ref = dense_basis(11, 3, 261, block=4, offset=offset, k_begin=2, dist=dist).float()
-    assert torch.equal(got.cpu(), ref)
+    assert_bitwise(got, dense_basis(11, 3, 261, block=4, offset=offset, k_begin=2, distribution=dist).float())
 
 
 @pytest.mark.parametrize("dist", DISTS)
@@ -46,10 +39,10 @@ def test_basis_bitwise(backend_device, dist, offset):
 def test_project_matches_float64(backend_device, dist, d, K):
     backend, device = backend_device
     x = torch.randn(d, dtype=torch.float64)
-    ref = dense_basis(5, K, d, dist=dist) @ x
+    ref = dense_basis(5, K, d, distribution=dist) @ x
     got = fk.project(x.float().to(device), 5, K, distribution=dist, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (K,)
-    assert rel_err(got, dense_basis(5, K, d, dist=dist) @ x.float().double()) <= 1e-5
+    assert rel_err(got, dense_basis(5, K, d, distribution=dist) @ x.float().double()) <= 1e-5
     assert rel_err(got, ref) <= 1e-5
 
 
@@ -70,7 +63,7 @@ def test_reconstruct_matches_float64(backend_device, dist, d, dtype, atol, rtol)
     K = 7
     out = torch.randn(d).to(dtype)
     gamma = torch.randn(K)
-    ref = out.double() + 0.25 * (dense_basis(3, K, d, offset=9, dist=dist).T @ gamma.double())
+    ref = out.double() + 0.25 * (dense_basis(3, K, d, offset=9, distribution=dist).T @ gamma.double())
     got = out.to(device)
     fk.reconstruct_(got, gamma.to(device), 3, alpha=0.25, offset=9, distribution=dist, backend=backend)
     torch.testing.assert_close(got.cpu().double(), ref, atol=atol, rtol=rtol)
@@ -118,7 +111,7 @@ def test_reconstruct_and_perturb_bitwise_across_backends(fast_backend_device, di
     fk.reconstruct_(got, gamma.to(device), 2**64 - 3, alpha=-0.7, offset=2**33 + 1, distribution=dist,
                     backend=backend)
     fk.perturb_(got, 2**64 - 3, 40, 1e-3, block=2, distribution=dist, backend=backend)
-    assert torch.equal(got.cpu(), want)
+    assert_bitwise(got, want)
 
 
 def test_perturb_adds_one_basis_row(backend_device):
@@ -135,7 +128,7 @@ def test_project_is_deterministic(backend_device):
     x = torch.randn(5000, device=device)
     a = fk.project(x, 1, 12, backend=backend)
     b = fk.project(x, 1, 12, backend=backend)
-    assert torch.equal(a, b)
+    assert_bitwise(a, b)
 
 
 def _ragged_case(dtypes):
@@ -150,7 +143,7 @@ def _dense_blocks(seed, sizes, counts, dist, block_ids=None):
     mats = []
     for pos, (s, c) in enumerate(zip(sizes, counts, strict=True)):
         blk = pos if block_ids is None else block_ids[pos]
-        mats.append(dense_basis(seed, c, s, block=blk, dist=dist) if c else torch.zeros(0, s, dtype=torch.float64))
+        mats.append(dense_basis(seed, c, s, block=blk, distribution=dist) if c else torch.zeros(0, s, dtype=torch.float64))
     return mats
 
 
@@ -186,7 +179,8 @@ def test_reconstruct_blocks_matches_float64_and_torch_bits(backend_device, dist)
     torch.testing.assert_close(torch.cat([o.cpu().double() for o in outs]), ref, atol=2e-3, rtol=2e-3)
     torch_outs = [x.clone() for x in xs]
     fk.reconstruct_blocks_(torch_outs, sizes, counts, gamma, 4, alpha=0.5, distribution=dist, backend="torch")
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(outs, torch_outs, strict=True))
+    for a, b in zip(outs, torch_outs, strict=True):
+        assert_bitwise(a, b)
 
 
 def test_single_tensor_blocks_equal_per_block_calls(backend_device):
@@ -256,7 +250,7 @@ def test_failed_call_leaves_output_untouched():
     before = out.clone()
     with pytest.raises(ValueError):
         fk.reconstruct_(out, torch.randn(3), 0, alpha=float("nan"))
-    assert torch.equal(out, before)
+    assert_bitwise(out, before)
 
 
 def test_perturb_blocks_adds_basis_k_of_every_block(backend_device):
@@ -296,7 +290,8 @@ def test_reconstruct_several_seeds_in_one_pass(backend_device, dist):
         start = 0
         for blk, (s, c) in enumerate(zip(sizes, per_seed, strict=True)):
             if c:
-                update[start:start + s] += dense_basis(seed, c, s, block=blk, dist=dist).T @ gamma[coef:coef + c].double()
+                basis_t = dense_basis(seed, c, s, block=blk, distribution=dist).T
+                update[start:start + s] += basis_t @ gamma[coef:coef + c].double()
             start += s
             coef += c
     got = [x.clone().to(device) for x in xs]
@@ -304,7 +299,8 @@ def test_reconstruct_several_seeds_in_one_pass(backend_device, dist):
     torch.testing.assert_close(torch.cat([g.cpu().double() for g in got]), flat - 0.5 * update, atol=2e-2, rtol=1e-2)
     torch_out = [x.clone() for x in xs]
     fk.reconstruct_blocks_(torch_out, sizes, counts, gamma, seeds, alpha=-0.5, distribution=dist, backend="torch")
-    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, torch_out, strict=True))
+    for a, b in zip(got, torch_out, strict=True):
+        assert_bitwise(a, b)
 
 
 def test_several_seeds_bad_input():
@@ -315,3 +311,52 @@ def test_several_seeds_bad_input():
         fk.reconstruct_blocks_(x, [10], [[1], [1]], torch.zeros(2), [3, 3])
     with pytest.raises(ValueError, match="gamma"):
         fk.reconstruct_blocks_(x, [10], [[1], [2]], torch.zeros(2), [3, 4])
+
+
+# The backends: one interface, found by name.
+
+def test_every_backend_implements_the_protocol():
+    import inspect
+
+    from ferret_kernels import backends
+
+    for name in backends.NAMES:
+        if name == "triton" and not backends.triton_available():
+            continue
+        if name == "cpp" and backends.cpu_extension() is None:
+            continue
+        impl = backends.module(name)
+        for op, spec in inspect.getmembers(backends.Backend, inspect.isfunction):
+            if op.startswith("_"):
+                continue
+            want = list(inspect.signature(spec).parameters)[1:]
+            assert list(inspect.signature(getattr(impl, op)).parameters) == want, (name, op)
+
+
+def test_backend_names_and_the_cpu_alias(monkeypatch):
+    from ferret_kernels import backends
+
+    monkeypatch.delenv("FERRET_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    assert backends.resolve("torch", cpu) == "torch"
+    assert backends.module("cpu") is backends.module("cpp")
+    with pytest.raises(ValueError, match="backend"):
+        backends.module("gpu")
+    with pytest.raises(ValueError, match="resolve"):
+        backends.module("auto")
+    if backends.cpu_extension() is not None:
+        assert backends.resolve("cpu", cpu) == backends.resolve("cpp", cpu) == "cpp"
+        x = torch.randn(1000)
+        assert_bitwise(fk.project(x, 3, 5, backend="cpu"), fk.project(x, 3, 5, backend="cpp"))
+    monkeypatch.setenv("FERRET_BACKEND", "torch")
+    assert backends.resolve("auto", cpu) == "torch"
+
+
+@pytest.mark.parametrize("dist", DISTS)
+def test_generate_sum_is_the_sum_of_the_basis_on_every_backend(backend_device, dist):
+    from ferret_kernels import backends
+
+    backend, device = backend_device
+    want = float(dense_basis(4, 3, 1000, distribution=dist).float().double().sum())
+    got = backends.module(backend).generate_sum(4, 3, 1000, dist, torch.device(device))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-3)

@@ -18,13 +18,13 @@ def python_blocks() -> list[str]:
 
 
 class _Received:
-    """The server's inbox: whatever payload the client part of the example produced."""
+    """The server's inbox: the (client_id, payload) the client part of the example produced."""
 
     def __init__(self, namespace):
         self.namespace = namespace
 
     def __iter__(self):
-        return iter([self.namespace["payload"]])
+        return iter([("client-0", self.namespace["payload"])])
 
 
 def test_readme_examples_run():

@@ -3,7 +3,8 @@
     ferret-fl run --config configs/dolly-llama-3b.yaml --rounds 5 --output-dir runs/dolly
     ferret-fl run --algorithm fedavg --model smollm2-135m --data synthetic --rounds 3
     ferret-fl run ... --resume                 # continue the run in --output-dir
-    ferret-fl demo                             # SmolLM2-135M, offline benchmark, Ferret vs FedAvg vs FedKSeed
+    ferret-fl demo                             # minutes: Ferret vs FedAvg, SmolLM2-135M on the shipped NI subset
+    ferret-fl compare --output-dir runs/compare  # 4 algorithms x 5 seeds with confidence intervals (hours)
     ferret-fl report runs/a runs/b --plot runs/compare.png
     ferret-fl flower-local --nodes 2 ...       # the same run on Flower: SuperLink + 2 SuperNodes on 127.0.0.1
 """
@@ -15,25 +16,6 @@ import os
 import sys
 
 from . import config, report
-
-# Flags that map onto RunConfig fields (flag name = field name with dashes).
-RUN_FLAGS = {
-    "algorithm": str, "model": str, "data": str, "num_clients": int, "clients_per_round": float, "rounds": int,
-    "local_steps": int, "batch_size": int, "grad_accum": int, "lr": float, "server_lr": float, "budget": int,
-    "device": str, "dtype": str, "seed": int, "output_dir": str, "distribution": str, "eval_every": int,
-    "max_new_tokens": int, "eval_samples": int, "backend": str, "max_length": int,
-}
-
-# The demo: small enough for a 2-core CPU in minutes, large enough that Rouge-L moves.
-DEMO = dict(model="smollm2-135m", data="synthetic", clients_per_round=2, rounds=3, local_steps=3, batch_size=2,
-            grad_accum=1, max_length=256, lr=1e-3, eval_every=0, eval_samples=32, eval_loss_samples=48,
-            max_new_tokens=16, eval_batch_size=16)
-DEMO_ALGORITHMS = {
-    # the demo's local lr is 10x the paper's: a server lr of 3 at the paper's scale keeps its server step
-    "ferret": dict(scale="paper", server_lr=3.0, budget=7800),
-    "fedavg": dict(),
-    "fedkseed": dict(kseed_candidates=4096, kseed_eps=5e-4, kseed_lr=3e-5),
-}
 
 
 def _flag_type(name: str):
@@ -85,35 +67,31 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    import torch
+    from . import compare
 
-    from . import simulation
-    from .models import load_causal_lm
+    print(f"demo: {', '.join(args.algorithms)} on the shipped NI subset, {len(args.seeds)} training seed(s), "
+          f"{compare.DEMO['rounds']} rounds of {compare.DEMO['clients_per_round']} clients, "
+          f"{compare.DEMO['eval_samples']} held-out examples: fewer seeds, rounds, clients and examples than the full "
+          f"comparison (`ferret-fl compare`: {len(compare.DEFAULT_SEEDS)} seeds x {len(compare.ALGORITHMS)} "
+          f"algorithms, {compare.COMMON['rounds']} rounds of {compare.COMMON['clients_per_round']} clients, "
+          f"{compare.COMMON['eval_samples']} examples), so its intervals are wide and it settles nothing.", flush=True)
+    text = compare.compare(args.output_dir, algorithms=args.algorithms, seeds=args.seeds, defaults=compare.DEMO,
+                           progress=not args.no_progress)
+    print("\n" + text)
+    print(f"table: {os.path.join(args.output_dir, 'comparison.md')}\nplot: "
+          f"{os.path.join(args.output_dir, 'comparison.png')}")
+    return 0
 
-    unknown = sorted(set(args.algorithms) - set(DEMO_ALGORITHMS))
-    if unknown:
-        raise SystemExit(f"demo algorithms are {sorted(DEMO_ALGORITHMS)}; got {unknown}")
-    print(f"loading {DEMO['model']} (embedded) ...", flush=True)
-    model, tokenizer = load_causal_lm(DEMO["model"])
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-    dirs, baseline = [], None
-    for algo in args.algorithms:
-        out = os.path.join(args.output_dir, algo)
-        cfg = config.load(None, {**DEMO, **DEMO_ALGORITHMS[algo], "algorithm": algo, "output_dir": out,
-                                 "seed": args.seed})
-        print(f"\n=== {algo} ===", flush=True)
-        with torch.no_grad():
-            model.load_state_dict(initial)
-        rows = simulation.run(cfg, resume=args.resume, progress=not args.no_progress, preloaded=(model, tokenizer),
-                              baseline=baseline)
-        baseline = baseline or rows[0]
-        dirs.append(out)
-    table = report.compare(dirs)
-    png = report.plot(dirs, os.path.join(args.output_dir, "demo.png"))
-    with open(os.path.join(args.output_dir, "demo.md"), "w") as f:
-        f.write(table + "\n")
-    print("\n" + table)
-    print(f"\nplot: {png}\ntable: {os.path.join(args.output_dir, 'demo.md')}")
+
+def cmd_compare(args) -> int:
+    from . import compare
+
+    text = compare.compare(args.output_dir, algorithms=args.algorithms, seeds=args.seeds, sets=args.set,
+                           keep_checkpoints=args.keep_checkpoints, report_only=args.report_only,
+                           progress=not args.no_progress)
+    print(text)
+    print(f"table: {os.path.join(args.output_dir, 'comparison.md')}\nplot: "
+          f"{os.path.join(args.output_dir, 'comparison.png')}")
     return 0
 
 
@@ -145,13 +123,29 @@ def main(argv=None) -> int:
     run = sub.add_parser("run", help="run (or resume) one federated fine-tuning run")
     _add_run_flags(run)
     run.set_defaults(fn=cmd_run)
-    demo = sub.add_parser("demo", help="the embedded default: SmolLM2-135M on the offline benchmark")
-    demo.add_argument("--output-dir", default="runs/demo")
-    demo.add_argument("--algorithms", nargs="+", default=list(DEMO_ALGORITHMS))
-    demo.add_argument("--seed", type=int, default=42)
-    demo.add_argument("--resume", action="store_true")
+    from . import compare as comparison
+    from .compare import ALGORITHMS, DEFAULT_SEEDS, DEMO_ALGORITHMS, DEMO_SEEDS
+
+    demo = sub.add_parser("demo", help="a few minutes of `compare`: SmolLM2-135M on the shipped NI subset, 1 seed")
+    demo.add_argument("--output-dir", default="runs/demo", help="re-running resumes and skips finished runs")
+    demo.add_argument("--algorithms", nargs="+", default=list(DEMO_ALGORITHMS), choices=list(ALGORITHMS))
+    demo.add_argument("--seeds", nargs="+", type=int, default=list(DEMO_SEEDS))
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=cmd_demo)
+    comp = sub.add_parser("compare", help="every algorithm over several training seeds with confidence intervals "
+                                          "(resumable)", description=comparison.__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("--output-dir", default="runs/compare", help="one run directory per (algorithm, seed) inside")
+    comp.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    comp.add_argument("--seeds", nargs="+", type=int, default=list(DEFAULT_SEEDS), help="training seeds")
+    comp.add_argument("--set", action="append", default=[], metavar="[ALGORITHM.]KEY=VALUE",
+                      help="override a setting for every algorithm, or for one (e.g. fedkseed.local_steps=50)")
+    comp.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' final weights (540 MB "
+                                                                      "each for SmolLM2-135M)")
+    comp.add_argument("--report-only", action="store_true", help="run nothing: the table and plot from the runs "
+                                                                 "there")
+    comp.add_argument("--no-progress", action="store_true")
+    comp.set_defaults(fn=cmd_compare)
     fl = sub.add_parser("flower-local", help="the run on Flower: a SuperLink and N SuperNodes (or N simulated "
                                              "nodes) on 127.0.0.1, stopped when the run ends")
     _add_run_flags(fl)

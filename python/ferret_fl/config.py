@@ -28,12 +28,14 @@ from typing import Any
 from ferret_kernels.config import BACKENDS
 from ferret_kernels.plan import ALLOCATIONS, SCALES, SEED_SCHEDULES
 from ferret_kernels.rng import DISTRIBUTIONS
-from ferret_kernels.server import CLIP_MODES, WEIGHTINGS
+from ferret_kernels.robust import AGGREGATIONS
+from ferret_kernels.server import CLIP_MODES, DEFAULT_INFLUENCE_CAP, DEFAULT_MAX_STEP, DEFAULT_SAMPLE_CAP, WEIGHTINGS
 from ferret_kernels.wire import DTYPES as WIRE_DTYPES
 
 from .models import DTYPES as MODEL_DTYPES
 
 ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit")
+ATTACKS = ("scaled", "random", "sign_flip")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -50,7 +52,10 @@ class RunConfig:
                                          "llama-7b-shape, llama-tiny-shape)")
     dtype: str = setting("float32", "model weight dtype")
     device: str = setting("cpu", "torch device: cpu, cuda or cuda:N")
-    data: str = setting("synthetic", "'synthetic', 'dolly' (hub), 'dolly:<file.jsonl>' or 'ni:<directory>'")
+    data: str = setting("synthetic", "'ni-subset' (shipped Super-NaturalInstructions subset), 'synthetic', 'dolly' "
+                                     "(hub), 'dolly:<file.jsonl>' or 'ni:<directory>'")
+    data_seed: int = setting(42, "data seed: the synthetic instances, Dolly's split, NI's samples; kept fixed across "
+                                 "training seeds so that every run sees the same clients")
     num_clients: int = setting(200, "clients to split Dolly over (Dirichlet)")
     dirichlet_alpha: float = setting(0.5, "Dirichlet concentration of Dolly's category split")
     min_client_samples: int = setting(10, "fewest examples a Dolly client may hold")
@@ -81,6 +86,21 @@ class RunConfig:
     clip: str = setting("block", "Ferret: how clip_norm measures a block")
     coefficient_dtype: str = setting("float32", "Ferret: dtype of the coefficients on the wire")
     backend: str = setting("auto", "ferret_kernels backend")
+    aggregation: str = setting("mean", "Ferret: how the server merges the round's coefficients (median and trimmed_mean "
+                               "resist Byzantine clients; docs/security.md)")
+    trim_fraction: float = setting(0.1, "Ferret: fraction dropped from each end per coefficient by trimmed_mean")
+    norm_bound: float | None = setting(None, "Ferret: scale each client's update to at most this estimated norm "
+                                             "(null: none)")
+    max_step: float | None = setting(DEFAULT_MAX_STEP, "Ferret: refuse an update that could move a weight further "
+                                                       "than this (null: off)")
+    influence_cap: float | None = setting(DEFAULT_INFLUENCE_CAP, "Ferret: refuse an update whose worst-case influence "
+                                                                 "exceeds this multiple of the round's median (null: off)")
+    sample_cap: float | None = setting(DEFAULT_SAMPLE_CAP, "Ferret: cap declared sample counts at this multiple of the "
+                                                           "round's median (null: off)")
+    byzantine_fraction: float = setting(0.0, "Ferret: fraction of each round's clients that attack (experiments; "
+                                             "attacks.py)")
+    attack: str = setting("scaled", "Ferret: what Byzantine clients send: scaled (x -100), random (noise of 100x the "
+                                    "honest norm), sign_flip")
     # FedAvg and FedIT
     fedavg_server_lr: float = setting(1.0, "FedAvg / FedIT: server step on the mean client update (1: plain mean)")
     # FedKSeed
@@ -92,8 +112,11 @@ class RunConfig:
     lora_alpha: int = setting(16, "FedIT: LoRA alpha")
     # evaluation
     eval_every: int = setting(0, "Rouge-L every this many rounds (0: only before the first and after the last)")
-    eval_samples: int = setting(64, "held-out examples for Rouge-L")
-    eval_loss_samples: int = setting(64, "held-out examples for the held-out loss (every round)")
+    eval_samples: int = setting(64, "held-out examples for Rouge-L and exact match, split equally over every "
+                                    "held-out task (eval_samples // tasks each, at least 1, at most the smallest "
+                                    "task); drawn with a fixed seed, never the training seed")
+    eval_loss_samples: int = setting(64, "held-out examples for the held-out loss (every round), split over the "
+                                         "held-out tasks like eval_samples")
     max_new_tokens: int = setting(128, "generation budget for Rouge-L")
     eval_batch_size: int = setting(8, "evaluation batch size")
     divergence_factor: float = setting(1.5, "stop the run when the held-out loss exceeds this factor times the best "
@@ -127,10 +150,20 @@ class RunConfig:
                 raise ValueError(f"{name} must be > 0, or null for no clipping; got {getattr(self, name)}")
         if self.divergence_factor != 0 and not self.divergence_factor > 1:
             raise ValueError(f"divergence_factor must be > 1, or 0 to never stop; got {self.divergence_factor}")
+        for name in ("norm_bound", "max_step", "influence_cap", "sample_cap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, or null to turn it off; got {getattr(self, name)}")
+        if not 0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction must be in [0, 0.5); got {self.trim_fraction}")
+        if not 0 <= self.byzantine_fraction < 1:
+            raise ValueError(f"byzantine_fraction must be in [0, 1); got {self.byzantine_fraction}")
+        if self.byzantine_fraction and self.algorithm != "ferret":
+            raise ValueError(f"byzantine_fraction is implemented for algorithm=ferret; got {self.algorithm!r}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0; got {self.eval_every}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0; got {self.seed}")
+        for name in ("seed", "data_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         if not (self.device == "cpu" or self.device == "cuda" or
                 (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ValueError(f"device must be cpu, cuda or cuda:N; got {self.device!r}")
@@ -150,6 +183,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "clip": tuple(CLIP_MODES),
     "coefficient_dtype": tuple(WIRE_DTYPES),
     "backend": tuple(BACKENDS),
+    "aggregation": tuple(AGGREGATIONS),
+    "attack": ATTACKS,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

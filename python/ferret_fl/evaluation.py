@@ -113,6 +113,17 @@ def build_eval_set(
     return EvalSet(tuple(chosen), tuple(grouped), per_task, seed)
 
 
+def sized_eval_set(dataset: FederatedDataset, total: int, seed: int = EVAL_SET_SEED) -> EvalSet:
+    """:func:`build_eval_set` with about ``total`` examples: ``total // tasks`` per held-out task,
+    at least 1 and at most the smallest task holds (so every task counts equally)."""
+    if total < 1:
+        raise ValueError(f"total must be >= 1 held-out examples; got {total}")
+    sizes = [len(examples) for examples in dataset.eval_examples_by_task().values() if examples]
+    if not sizes:
+        raise ValueError(f"dataset {dataset.name!r} has no held-out examples to evaluate on")
+    return build_eval_set(dataset, per_task=max(1, min(total // len(sizes), min(sizes))), seed=seed)
+
+
 # ---- metrics ---------------------------------------------------------------------------------
 
 

@@ -36,9 +36,19 @@ TRAINED_KEYS: dict[str, type | tuple[type, ...]] = {
     "bytes_down_per_client": int,
     "peak_memory_bytes": int,  # CUDA: max allocated; CPU: the process's max RSS
 }
+# The generation evaluation (``evaluation.METRICS``, means in percent over the run's fixed
+# held-out set), on the rounds where it ran.
+QUALITY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "rouge_l_paper": (int, float),  # Rouge-L F as the Ferret reference code computes it
+    "rouge_l_google": (int, float),  # Rouge-L F from Google's rouge-score
+    "exact_match": (int, float),  # Super-NaturalInstructions' normalised exact match
+    "eval_examples": int,  # how many held-out examples they average over
+}
 # Keys a row may carry.
 OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {
-    "rouge_l": (int, float),  # Rouge-L F1 (%), on rounds where it was computed
+    **QUALITY_KEYS,
+    "byzantine": list,  # client ids that attacked this round (attacks.py experiments)
+    "refusals": list,  # uploads the server refused: {"client_id", "reason", "detail"}
 }
 
 
@@ -65,27 +75,30 @@ def check_row(row: dict, where: str = "row") -> dict:
     return row
 
 
-def initial_row(algorithm: str, eval_loss: float, rouge_l: float | None, seconds: float) -> dict:
-    """Round 0: the model before training."""
+def initial_row(algorithm: str, eval_loss: float, quality: dict | None, seconds: float) -> dict:
+    """Round 0: the model before training. quality: QUALITY_KEYS values, or None / {} when not evaluated."""
     row = {"round": 0, "algorithm": algorithm, "eval_loss": eval_loss, "bytes_up": 0, "bytes_down": 0,
-           "cumulative_bytes": 0, "clients": [], "seconds": {"evaluation": seconds}}
-    if rouge_l is not None:
-        row["rouge_l"] = rouge_l
+           "cumulative_bytes": 0, "clients": [], "seconds": {"evaluation": seconds}, **_quality(quality)}
     return check_row(row)
+
+
+def _quality(quality: dict | None) -> dict:
+    unknown = set(quality or {}) - set(QUALITY_KEYS)
+    if unknown:
+        raise ValueError(f"unknown quality fields {sorted(unknown)} (known: {sorted(QUALITY_KEYS)})")
+    return dict(quality or {})
 
 
 def round_row(round_index: int, algorithm: str, *, clients: list[int], train_losses: list[float], eval_loss: float,
               upload_sizes: list[int], downlink_size: int, previous: dict, seconds: dict[str, float],
-              peak_memory_bytes: int, rouge_l: float | None = None) -> dict:
+              peak_memory_bytes: int, quality: dict | None = None) -> dict:
     """A trained round: byte counts from the message sizes, cumulative from ``previous`` (the row before)."""
     up, down = sum(upload_sizes), downlink_size * len(upload_sizes)
     row = {"round": round_index, "algorithm": algorithm, "clients": list(clients),
            "train_loss": sum(train_losses) / len(train_losses), "eval_loss": eval_loss, "bytes_up": up,
            "bytes_down": down, "bytes_up_per_client": up / len(upload_sizes), "bytes_down_per_client": downlink_size,
            "cumulative_bytes": previous["cumulative_bytes"] + up + down, "seconds": dict(seconds),
-           "peak_memory_bytes": peak_memory_bytes}
-    if rouge_l is not None:
-        row["rouge_l"] = rouge_l
+           "peak_memory_bytes": peak_memory_bytes, **_quality(quality)}
     return check_row(row)
 
 

@@ -23,28 +23,17 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, evaluation, metrics
+from . import attacks, checkpoint, evaluation, metrics
 from .algorithms import build_client, build_server, prepare_model
 from .config import RunConfig, as_dict
-from .data import FederatedDataset, collate, named_rng, tokenize_examples
+from .data import FederatedDataset, collate, load_data, named_rng, tokenize_examples
 from .models import load_causal_lm
 
 
 def load_dataset(cfg: RunConfig) -> FederatedDataset:
-    from . import data
-
-    if cfg.data == "synthetic":
-        return data.load_synthetic(seed=cfg.seed)
-    kind, _, location = cfg.data.partition(":")
-    if kind == "dolly":
-        return data.load_dolly(location or data.DOLLY_HUB_ID, num_clients=cfg.num_clients,
-                               alpha=cfg.dirichlet_alpha, min_samples_per_client=cfg.min_client_samples,
-                               seed=cfg.seed)
-    if kind == "ni":
-        if not location:
-            raise ValueError("data 'ni:<directory>' needs the Natural Instructions directory")
-        return data.load_natural_instructions(location, seed=cfg.seed)
-    raise ValueError(f"data must be 'synthetic', 'dolly[:<jsonl>]' or 'ni:<dir>'; got {cfg.data!r}")
+    """The run's data (``cfg.data``), drawn with ``cfg.data_seed``, never the training seed."""
+    return load_data(cfg.data, seed=cfg.data_seed, num_clients=cfg.num_clients, dirichlet_alpha=cfg.dirichlet_alpha,
+                     min_client_samples=cfg.min_client_samples)
 
 
 def sample_clients(cfg: RunConfig, round_index: int, num_clients: int) -> list[int]:
@@ -89,16 +78,28 @@ def peak_memory_bytes(device: str) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+EVAL_DIR = "eval"
+
+
+def eval_result_path(run_dir: str, round_index: int) -> str:
+    """Where a run keeps the per-example scores of the generation evaluation after a round."""
+    return os.path.join(run_dir, EVAL_DIR, f"round-{round_index:06d}.json")
+
+
 @dataclass
 class Evaluator:
+    """The run's two fixed held-out sets (``evaluation.sized_eval_set``, seed
+    ``evaluation.EVAL_SET_SEED``): ``loss_set`` for the held-out loss every round,
+    ``generation_set`` for Rouge-L and exact match."""
+
     cfg: RunConfig
     dataset: FederatedDataset
     tokenizer: Any
 
     def __post_init__(self):
-        examples = list(self.dataset.eval_examples)
-        self.rouge_examples = examples[: self.cfg.eval_samples]
-        loss_items = tokenize_examples(examples[: self.cfg.eval_loss_samples], self.tokenizer, self.cfg.max_length)
+        self.generation_set = evaluation.sized_eval_set(self.dataset, self.cfg.eval_samples)
+        self.loss_set = evaluation.sized_eval_set(self.dataset, self.cfg.eval_loss_samples)
+        loss_items = tokenize_examples(self.loss_set.examples, self.tokenizer, self.cfg.max_length)
         pad = self.tokenizer.pad_token_id
         bs = self.cfg.eval_batch_size
         self.loss_batches = [collate(loss_items[i:i + bs], pad) for i in range(0, len(loss_items), bs)]
@@ -106,10 +107,21 @@ class Evaluator:
     def loss(self, model) -> float:
         return evaluation.mean_loss(model, self.loss_batches)
 
-    def rouge(self, model) -> float:
-        predictions = evaluation.generate_greedy(model, self.tokenizer, self.rouge_examples, self.cfg.max_new_tokens,
-                                                 self.cfg.eval_batch_size, self.cfg.max_length)
-        return evaluation.rouge_l(predictions, [ex.output for ex in self.rouge_examples])
+    def generate(self, model, progress: bool = False) -> evaluation.EvalResult:
+        return evaluation.evaluate_model(model, self.tokenizer, self.generation_set, self.cfg.max_new_tokens,
+                                         self.cfg.eval_batch_size, self.cfg.max_length, progress)
+
+
+def quality(result: evaluation.EvalResult | None) -> dict[str, float]:
+    """The metrics-row fields of a generation evaluation: each metric's mean and the example count."""
+    if result is None:
+        return {}
+    return {**{m: result.mean(m) for m in evaluation.METRICS}, "eval_examples": len(result.tasks)}
+
+
+def describe(row: dict) -> str:
+    return (f"eval loss {row['eval_loss']:.4f}" + "".join(
+        f", {evaluation.METRIC_LABELS[m]} {row[m]:.2f}" for m in evaluation.METRICS if m in row))
 
 
 # Settings a resumed run may change: how long it runs, how it evaluates, where it writes.
@@ -126,6 +138,28 @@ def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
         raise ValueError(f"cannot resume {ckpt_dir}: settings differ from the checkpointed run ({detail}); "
                          "use the same settings or a new --output-dir")
 
+
+
+def _save_result(run_dir: str, round_index: int, result: evaluation.EvalResult) -> None:
+    path = eval_result_path(run_dir, round_index)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    result.save(tmp)
+    os.replace(tmp, path)
+
+
+def evaluate_round(cfg: RunConfig, evaluator: Evaluator, model, round_index: int,
+                   progress: bool = False) -> tuple[float, evaluation.EvalResult | None]:
+    """The held-out loss after ``round_index`` (0: before training), and the generation
+    evaluation on the rounds it runs (before the first, after the last, every
+    ``eval_every``; saved in the run directory)."""
+    loss = evaluator.loss(model)
+    if not math.isfinite(loss) or not (round_index in (0, cfg.rounds) or
+                                       (cfg.eval_every > 0 and round_index % cfg.eval_every == 0)):
+        return loss, None
+    result = evaluator.generate(model, progress)
+    _save_result(cfg.output_dir, round_index, result)
+    return loss, result
 
 
 class DivergedError(RuntimeError):
@@ -201,11 +235,11 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
             row = {**baseline, "algorithm": cfg.algorithm}
         else:
             t = time.perf_counter()
-            loss, rouge = evaluator.loss(model), evaluator.rouge(model)
-            row = metrics.initial_row(cfg.algorithm, loss, rouge, time.perf_counter() - t)
+            loss, result = evaluate_round(cfg, evaluator, model, 0, progress)
+            row = metrics.initial_row(cfg.algorithm, loss, quality(result), time.perf_counter() - t)
         rows = [row]
         metrics.write(cfg.output_dir, rows)
-        log(f"round 0: eval loss {row['eval_loss']:.4f}" + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else ""))
+        log(f"round 0: {describe(row)}")
 
     for r in range(start_round, cfg.rounds + 1):
         clients = sample_clients(cfg, r, dataset.num_clients)
@@ -213,6 +247,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         if cfg.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         announcement = server.announce(r)
+        byzantine = attacks.attackers(cfg.seed, r, clients, cfg.byzantine_fraction)
         messages = []
         bar = tqdm(clients, desc=f"round {r}/{cfg.rounds}", disable=not progress, leave=False)
         for c in bar:
@@ -221,31 +256,38 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
             steps = client_steps(cfg, tokenized[c], r, c, tokenizer.pad_token_id)
             msg = client.train(model, steps, announcement, client_id=c,
                                num_samples=len(usable_examples(tokenized[c])))
+            if c in byzantine:
+                msg.payload = attacks.corrupt(msg.payload, client.plan, cfg.attack, round_index=r, seed=cfg.seed,
+                                              client_id=c, dtype=cfg.coefficient_dtype)
             messages.append(msg)
             for phase in ("local", "compress"):
                 seconds[phase] += msg.seconds.get(phase, 0.0)
             bar.set_postfix(client=c, loss=f"{msg.train_loss:.4f}")
         t = time.perf_counter()
-        downlink = server.aggregate(r, [m.payload for m in messages])
+        # Refused uploads are dropped and recorded, as a deployment's server must; the
+        # round fails only when nothing is left.
+        downlink = server.aggregate(r, [m.payload for m in messages], client_ids=clients, skip_refused=True)
         seconds["aggregate"] = time.perf_counter() - t
         t = time.perf_counter()
         server.apply_(model, downlink, r)
         seconds["apply"] = time.perf_counter() - t
         t = time.perf_counter()
-        loss = evaluator.loss(model)
-        rouge = None
-        if math.isfinite(loss) and (r == cfg.rounds or (cfg.eval_every > 0 and r % cfg.eval_every == 0)):
-            rouge = evaluator.rouge(model)
+        loss, result = evaluate_round(cfg, evaluator, model, r, progress)
         seconds["evaluation"] = time.perf_counter() - t
         row = metrics.round_row(r, cfg.algorithm, clients=clients, train_losses=[m.train_loss for m in messages],
                                 eval_loss=loss, upload_sizes=[len(m.payload) for m in messages],
                                 downlink_size=len(downlink), previous=rows[-1], seconds=seconds,
-                                peak_memory_bytes=peak_memory_bytes(cfg.device), rouge_l=rouge)
+                                peak_memory_bytes=peak_memory_bytes(cfg.device), quality=quality(result))
+        if byzantine:
+            row["byzantine"] = sorted(byzantine)
+        if server.refusals:
+            row["refusals"] = [{k: v for k, v in x.items() if k != "round"} for x in server.refusals]
         rows.append(row)
         # Metrics first: a crash before the checkpoint lands redoes this round on resume.
         metrics.write(cfg.output_dir, rows)
-        log(f"round {r}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}"
-            + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else "")
+        log(f"round {r}: train loss {row['train_loss']:.4f}, {describe(row)}"
+            + (f", refused {len(row['refusals'])} ({', '.join(x['reason'] for x in row['refusals'])})"
+               if "refusals" in row else "")
             + f", up {row['bytes_up']:,} B, down {row['bytes_down']:,} B, local {seconds['local']:.1f}s, "
             f"compress {seconds['compress']:.2f}s, aggregate {seconds['aggregate']:.2f}s, apply {seconds['apply']:.2f}s")
         check_divergence(cfg, rows[:-1], row)

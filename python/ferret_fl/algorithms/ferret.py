@@ -81,7 +81,9 @@ class FerretServer(ServerRole):
         cfg = self.cfg
         return Aggregator(self.plan, round=1, base_seed=cfg.seed, seed_schedule=cfg.seed_schedule,
                           weighting=cfg.weighting, server_lr=cfg.server_lr, momentum=cfg.server_momentum,
-                          clip_norm=cfg.clip_norm, clip=cfg.clip, wire_dtype=wire.DTYPES[cfg.coefficient_dtype])
+                          clip_norm=cfg.clip_norm, clip=cfg.clip, wire_dtype=wire.DTYPES[cfg.coefficient_dtype],
+                          max_step=cfg.max_step, influence_cap=cfg.influence_cap, sample_cap=cfg.sample_cap,
+                          aggregation=cfg.aggregation, trim_fraction=cfg.trim_fraction, norm_bound=cfg.norm_bound)
 
     @property
     def round(self) -> int:
@@ -111,15 +113,17 @@ class FerretServer(ServerRole):
         before = self.state_dict()
         try:
             self.admit_each(round_index, uploads, client_ids, skip_refused, admit)
-            self.last_update = self.aggregator.aggregate(server_lr=self.server_lr(round_index),
-                                                         start_digest=self.plan.digest(self.model))
+            update = self.aggregator.aggregate(server_lr=self.server_lr(round_index),
+                                               start_digest=self.plan.digest(self.model))
+            downlink = wire.encode_global_update(update, dtype=self.cfg.coefficient_dtype)
         except BaseException:
             # a refused round leaves the server as it was, so the round can be retried
             self.aggregator = self._new_aggregator()
             self.load_state_dict(before)
             raise
+        self.last_update = update
         self.refusals = list(self.aggregator.last_report["refusals"])
-        return wire.encode_global_update(self.last_update, dtype=self.cfg.coefficient_dtype)
+        return downlink
 
     def apply_(self, model, downlink, round_index) -> None:
         """Replay the downlink as a client does, after checking it carries exactly what
@@ -136,41 +140,7 @@ class FerretServer(ServerRole):
         replay.apply_(model)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return aggregator_state_dict(self.aggregator)
+        return self.aggregator.state_dict()
 
     def load_state_dict(self, state) -> None:
-        load_aggregator_state_dict(self.aggregator, state)
-
-
-# SHIM until ferret_kernels ships Aggregator.state_dict / load_state_dict (same format:
-# "round" 0-d int64; with momentum "momentum_counts" (L,) int64 and "momentum" float64).
-# Remove both functions at merge and call the methods directly.
-def aggregator_state_dict(agg: Aggregator) -> dict[str, torch.Tensor]:
-    if hasattr(agg, "state_dict"):
-        return agg.state_dict()
-    state = {"round": torch.tensor(agg.round, dtype=torch.int64)}
-    if agg._momentum is not None:  # noqa: SLF001
-        state["momentum_counts"] = torch.tensor(agg._momentum[0], dtype=torch.int64)  # noqa: SLF001
-        state["momentum"] = agg._momentum[1].clone()  # noqa: SLF001
-    return state
-
-
-def load_aggregator_state_dict(agg: Aggregator, state: dict[str, torch.Tensor]) -> None:
-    if hasattr(agg, "load_state_dict"):
-        agg.load_state_dict(state)
-        return
-    from .base import load_round
-
-    has_momentum = "momentum" in state or "momentum_counts" in state
-    round_index = load_round(state, "ferret", {"momentum", "momentum_counts"} if has_momentum else set())
-    momentum = None
-    if has_momentum:
-        if not agg.momentum:
-            raise ValueError("the checkpoint holds server momentum but server_momentum is 0")
-        counts = agg.plan.check_counts(state["momentum_counts"].tolist(), what="state['momentum_counts']",
-                                       exact_budget=False)
-        m = state["momentum"]
-        if m.dtype != torch.float64 or m.numel() != sum(counts) or not bool(torch.isfinite(m).all()):
-            raise ValueError("state['momentum'] must hold sum(momentum_counts) finite float64 values")
-        momentum = (counts, m.clone())
-    agg.round, agg._momentum = round_index, momentum  # noqa: SLF001
+        self.aggregator.load_state_dict(state)

@@ -11,9 +11,10 @@ each requested client from those weights exactly as the in-process simulation do
 
 from __future__ import annotations
 
+from .. import attacks
 from ..algorithms import Announcement, build_client
 from ..config import RunConfig
-from ..simulation import client_steps, load_dataset, usable_examples
+from ..simulation import client_steps, load_dataset, sample_clients, usable_examples
 from . import cache, protocol
 from .peer import build_model, weights_digest
 
@@ -75,15 +76,22 @@ class Node:
             raise ValueError(f"clients {foreign} are not hosted by partition {self.partition_id} of "
                              f"{self.num_partitions}")
         dataset = load_dataset(self.cfg)
+        r = announcement.round
+        # an experiment's attackers (byzantine_fraction) attack here exactly as in the simulation
+        byzantine = attacks.attackers(self.cfg.seed, r, sample_clients(self.cfg, r, dataset.num_clients),
+                                      self.cfg.byzantine_fraction)
         out = {protocol.UPLOADS: [], protocol.CLIENT_IDS: [], protocol.NUM_SAMPLES: [], protocol.TRAIN_LOSSES: [],
                protocol.SECONDS_LOCAL: 0.0, protocol.SECONDS_COMPRESS: 0.0}
         for c in clients:
             if not 0 <= c < dataset.num_clients:
                 raise ValueError(f"client {c} does not exist: the data has {dataset.num_clients} clients")
             items = tokenize_examples(dataset.clients[c].examples, self.tokenizer, self.cfg.max_length)
-            steps = client_steps(self.cfg, items, announcement.round, c, self.tokenizer.pad_token_id)
+            steps = client_steps(self.cfg, items, r, c, self.tokenizer.pad_token_id)
             msg = self.client.train(self.model, steps, announcement, client_id=c,
                                     num_samples=len(usable_examples(items)))
+            if c in byzantine:
+                msg.payload = attacks.corrupt(msg.payload, self.client.plan, self.cfg.attack, round_index=r,
+                                              seed=self.cfg.seed, client_id=c, dtype=self.cfg.coefficient_dtype)
             out[protocol.UPLOADS].append(msg.payload)
             out[protocol.CLIENT_IDS].append(c)
             out[protocol.NUM_SAMPLES].append(msg.num_samples)

@@ -41,10 +41,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
 
-from .. import checkpoint, metrics
+from .. import attacks, checkpoint, metrics
 from ..algorithms import build_server
 from ..config import RunConfig, as_dict
-from ..simulation import Evaluator, _check_resumable, check_divergence, load_dataset, peak_memory_bytes, sample_clients
+from ..simulation import (
+    Evaluator,
+    _check_resumable,
+    check_divergence,
+    describe,
+    evaluate_round,
+    load_dataset,
+    peak_memory_bytes,
+    quality,
+    sample_clients,
+)
 from . import protocol
 from .peer import build_model, weights_digest
 from .settings import AppSettings, run_key
@@ -226,7 +236,8 @@ class FerretFlowerStrategy(FedAvg):
         announcement = self.server.announce(server_round)
         by_node: dict[int, list[int]] = {}
         self._unhosted = []
-        for c in sample_clients(self.cfg, server_round, self.dataset.num_clients):
+        self._sampled = sample_clients(self.cfg, server_round, self.dataset.num_clients)
+        for c in self._sampled:
             node = self.host(c)
             if node is None:
                 self._unhosted.append(c)
@@ -342,40 +353,42 @@ class FerretFlowerStrategy(FedAvg):
             refused["node_id"] = hosts[refused["client_id"]]
             self.say(f"round {r}: client {refused['client_id']} of node {refused['node_id']} refused "
                      f"({refused['reason']}): {refused['detail']}")
-        refused_ids = {x["client_id"] for x in self.server.refusals}
-        accepted = [c for c in clients if c not in refused_ids]
         t = time.perf_counter()
         self.server.apply_(self.model, downlink, r)
         seconds["apply"] = time.perf_counter() - t
         self.digests.append(weights_digest(self.model))
         self.downlinks.append(downlink)
         _write_atomic(_downlink_path(self.cfg.output_dir, r), downlink)
-        row = self._evaluate(r, accepted, [uploads[c][1] for c in accepted], [len(uploads[c][0]) for c in accepted],
-                             len(downlink), seconds)
+        t = time.perf_counter()
+        loss, result = evaluate_round(self.cfg, self.evaluator, self.model, r)
+        seconds["evaluation"] = time.perf_counter() - t
+        # the simulation's row: the uploads that arrived (refused ones included, as it counts
+        # them), then what the engine adds: nodes whose replies were refused or never came
+        row = metrics.round_row(r, self.cfg.algorithm, clients=clients, train_losses=[uploads[c][1] for c in clients],
+                                eval_loss=loss, upload_sizes=[len(uploads[c][0]) for c in clients],
+                                downlink_size=len(downlink), previous=self.rows[-1], seconds=seconds,
+                                peak_memory_bytes=peak_memory_bytes(self.cfg.device), quality=quality(result))
+        byzantine = attacks.attackers(self.cfg.seed, r, self._sampled, self.cfg.byzantine_fraction)
+        if byzantine:
+            row["byzantine"] = sorted(byzantine)
+        row_refusals = [{k: v for k, v in x.items() if k not in ("round", "node_id")} for x in self.server.refusals]
+        row_refusals += [{"node_id": x["node_id"], "clients": self._assignment.get(x["node_id"], []),
+                          "reason": f"node-{x['reason']}", "detail": x["detail"]} for x in refusals]
+        if row_refusals:
+            row["refusals"] = row_refusals
+        self.rows.append(row)
+        metrics.write(self.cfg.output_dir, self.rows)
+        self.say(f"round {r}: train loss {row['train_loss']:.4f}, {describe(row)}, clients {clients}"
+                 + (f", refused {len(row_refusals)} ({', '.join(x['reason'] for x in row_refusals)})"
+                    if row_refusals else "")
+                 + f", up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
         self._write_round_log(r, traffic, refusals + self.server.refusals)
         check_divergence(self.cfg, self.rows[:-1], row)
         checkpoint.save(self.ckpt_dir, self.model, self.server.state_dict(),
                         {"round": r, "config": as_dict(self.cfg), "digests": self.digests})
+        accepted = len(clients) - len(self.server.refusals)
         return None, MetricRecord({"train-loss": row["train_loss"], "eval-loss": row["eval_loss"],
-                                   "clients": len(accepted), "refused": len(refusals) + len(self.server.refusals)})
-
-    def _evaluate(self, r: int, clients: list[int], losses: list[float], upload_sizes: list[int], downlink_size: int,
-                  seconds: dict[str, float]) -> dict:
-        t = time.perf_counter()
-        loss = self.evaluator.loss(self.model)
-        rouge = None
-        if math.isfinite(loss) and (r == self.cfg.rounds or (self.cfg.eval_every > 0 and r % self.cfg.eval_every == 0)):
-            rouge = self.evaluator.rouge(self.model)
-        seconds["evaluation"] = time.perf_counter() - t
-        row = metrics.round_row(r, self.cfg.algorithm, clients=clients, train_losses=losses, eval_loss=loss,
-                                upload_sizes=upload_sizes, downlink_size=downlink_size, previous=self.rows[-1],
-                                seconds=seconds, peak_memory_bytes=peak_memory_bytes(self.cfg.device), rouge_l=rouge)
-        self.rows.append(row)
-        metrics.write(self.cfg.output_dir, self.rows)
-        self.say(f"round {r}: train loss {row['train_loss']:.4f}, eval loss {row['eval_loss']:.4f}"
-                 + (f", Rouge-L {row['rouge_l']:.2f}" if "rouge_l" in row else "")
-                 + f", clients {clients}, up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
-        return row
+                                   "clients": accepted, "refused": len(row_refusals)})
 
     def _write_round_log(self, r: int, traffic: list[dict], refusals: list[dict]) -> None:
         self.engine_rows = [x for x in self.engine_rows if x["round"] != r]
@@ -423,10 +436,10 @@ class FerretFlowerStrategy(FedAvg):
         result = Result()
         if not self.rows:
             t = time.perf_counter()
-            loss, rouge = self.evaluator.loss(self.model), self.evaluator.rouge(self.model)
-            self.rows = [metrics.initial_row(self.cfg.algorithm, loss, rouge, time.perf_counter() - t)]
+            loss, evaluated = evaluate_round(self.cfg, self.evaluator, self.model, 0)
+            self.rows = [metrics.initial_row(self.cfg.algorithm, loss, quality(evaluated), time.perf_counter() - t)]
             metrics.write(self.cfg.output_dir, self.rows)
-            self.say(f"round 0: eval loss {loss:.4f}, Rouge-L {rouge:.2f}")
+            self.say(f"round 0: {describe(self.rows[0])}")
         self.wait_for_nodes(grid)
         for r in range(self.server.round, rounds + 1):
             t = time.perf_counter()

@@ -1,14 +1,14 @@
 """The RNG contract (docs/rng.md) as Triton device functions.
 
 Each helper mirrors the function of the same name in ``ferret_kernels.rng`` operation
-for operation; kernels that call them must launch with ``enable_fp_fusion=False`` so no
+for operation; kernels that call them launch through ``_launch.run`` (fusion off) so no
 multiply-add is contracted into an FMA and the bits match the torch reference.
 """
 
 import triton
 import triton.language as tl
 
-from .. import rng
+from ... import rng
 
 PHILOX_M0 = tl.constexpr(rng.PHILOX_M0)
 PHILOX_M1 = tl.constexpr(rng.PHILOX_M1)
@@ -140,6 +140,16 @@ def gaussian4(call, k, block, seed_lo, seed_hi):
 
 
 @triton.jit
+def uint32_key(words_ptr):
+    """The Philox key (seed mod 2**32, seed >> 32) stored as two int64 words.
+
+    Seeds always come from memory, never as kernel arguments: Triton would type an
+    integer argument i32 or i64 by its value and compile again when a seed crosses 2**31.
+    """
+    return tl.load(words_ptr).to(tl.uint32), tl.load(words_ptr + 1).to(tl.uint32)
+
+
+@triton.jit
 def rademacher_words(call, k, block, seed_lo, seed_hi):
     """The four Philox words behind elements 128*call + 0..127 (bit set = -1)."""
     c0 = (call & 0xFFFFFFFF).to(tl.uint32)
@@ -150,9 +160,23 @@ def rademacher_words(call, k, block, seed_lo, seed_hi):
 
 
 @triton.jit
+def hand_over(word):
+    """``word`` unchanged (word + 0), behind a reduction the compiler does not recompute
+    in another layout: a consumer laid out differently (project's x tile) then receives
+    the words by shuffles instead of every lane re-running the Philox calls it needs."""
+    return tl.sum(tl.join(word, tl.zeros_like(word)), axis=1)
+
+
+@triton.jit
 def signed_by_bit(x, word, bit):
-    """x where bit ``bit`` of ``word`` is clear, -x where it is set (x * v exactly)."""
-    flip = ((word[:, None] >> bit[None, :]) & 1) != 0
+    """x where bit ``bit`` of ``word`` is clear, -x where it is set: x * v exactly.
+
+    ``word`` holds one Philox word per call, ``bit`` the 32 bit positions; ``x`` is a
+    scalar or a (32, calls) tile. Bits run down the rows and calls along the columns:
+    with calls on the fast axis each lane keeps its own call's word, so Triton computes
+    one Philox call per lane (with bits on the fast axis, Triton 3.6 repeats a row's
+    Philox call in every lane of the row)."""
+    flip = ((word[None, :] >> bit[:, None]) & 1) != 0
     return tl.where(flip, -x, x)
 
 

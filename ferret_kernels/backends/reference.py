@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from . import rng
-from .layout import BlockLayout, Segment
+from .. import rng
+from ..layout import BlockLayout, SegmentTable
 
 # Elements per generated chunk: a multiple of 128 so chunks never split a Philox call,
 # small enough that K_CHUNK rows of int64 Philox state stay in cache-sized pieces.
@@ -29,10 +29,10 @@ def basis_rows(seed: int, K: int, d: int, block: int, offset: int, k_begin: int,
     return out.to(device)
 
 
-def project_segments(views: list[torch.Tensor], segments: list[Segment], layout: BlockLayout, seed: int,
+def project_segments(views: list[torch.Tensor], cut: SegmentTable, layout: BlockLayout, seed: int,
                      distribution: str) -> torch.Tensor:
     gamma = torch.zeros(layout.total_count, dtype=torch.float32)
-    for s in segments:
+    for s in cut.segments:
         count = layout.counts[s.block]
         if count == 0:
             continue
@@ -47,7 +47,7 @@ def project_segments(views: list[torch.Tensor], segments: list[Segment], layout:
     return gamma.to(views[0].device)
 
 
-def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layouts: list[BlockLayout],
+def reconstruct_seeds(views: list[torch.Tensor], cut: SegmentTable, layouts: list[BlockLayout],
                       gamma: torch.Tensor, seeds: list[int], alpha: float, distribution: str,
                       k_begins: list[list[int] | None] | None = None) -> None:
     """Seeds in order, k ascending within each, into one float32 accumulator per element;
@@ -55,7 +55,7 @@ def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layout
     gamma = gamma.detach().to("cpu", torch.float32)
     alpha32 = torch.tensor(alpha, dtype=torch.float32)
     k_begins = k_begins or [None] * len(layouts)
-    for s in segments:
+    for s in cut.segments:
         terms = [(seed, lay, 0 if kb is None else kb[s.block])
                  for seed, lay, kb in zip(seeds, layouts, k_begins, strict=True) if lay.counts[s.block] > 0]
         if not terms:
@@ -74,3 +74,12 @@ def reconstruct_seeds(views: list[torch.Tensor], segments: list[Segment], layout
             piece = target[i:i + n]
             updated = piece.to("cpu", torch.float32) + alpha32 * acc
             piece.copy_(rng.round_float32_to(updated, piece.dtype))
+
+
+def generate_sum(seed: int, K: int, d: int, distribution: str, device) -> float:
+    total = 0.0
+    for k0 in range(0, K, K_CHUNK):
+        kc = min(K_CHUNK, K - k0)
+        for i in range(0, d, CHUNK):
+            total += float(rng.generate(seed, 0, k0, kc, i, min(CHUNK, d - i), distribution).double().sum())
+    return total
