@@ -29,7 +29,6 @@ catches up on its first message).
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterable
