@@ -39,13 +39,15 @@ def task_identity():
 class LoopbackGrid(Grid):
     """Delivers each message to the ClientApp handler of its node, in this process.
 
-    nodes: {node_id: partition}; ``offline`` nodes are not listed and never answer;
-    ``tamper(request, reply)`` may replace a reply; replies come back in reverse order.
+    nodes: {node_id: partition}; ``offline`` nodes are not listed and never answer; ``dead``
+    nodes are listed (a SuperLink notices a death after a heartbeat window) and never
+    answer; ``tamper(request, reply)`` may replace a reply; replies come back in reverse order.
     """
 
     def __init__(self, nodes: dict[int, int], run_config: dict, cache_dir: str, tamper=None):
         self.nodes, self.run_config, self.cache_dir, self.tamper = dict(nodes), run_config, cache_dir, tamper
         self.offline: set[int] = set()
+        self.dead: set[int] = set()
         self.sent: list[Message] = []
 
     def get_node_ids(self):
@@ -73,7 +75,7 @@ class LoopbackGrid(Grid):
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            if node in self.offline:
+            if node in self.offline or node in self.dead:
                 continue
             context = Context(run_id=1, node_id=node, state=RecordDict(), run_config=self.run_config,
                               node_config={"partition-id": self.nodes[node], "num-partitions": 2,
@@ -88,8 +90,8 @@ def _cfg(tmp_path, name, **overrides):
 
 
 def _app(**overrides):
-    return settings.AppSettings(**{"resume": False, "cache_dir": "", "round_timeout": 60.0, "min_nodes": 2,
-                                   "connect_timeout": 5.0, **overrides})
+    return settings.AppSettings(**{"resume": False, "cache_dir": "", "round_timeout": 60.0, "query_timeout": 10.0,
+                                   "min_nodes": 2, "connect_timeout": 5.0, **overrides})
 
 
 def _flower_run(tmp_path, cfg, grid=None, tamper=None, **app):
@@ -158,6 +160,32 @@ def test_a_node_offline_for_rounds_catches_up_by_replay_not_by_download(tmp_path
     # node 11 applies the previous round's GlobalUpdate each round; node 22 the two it missed at once
     d = [len(b) for b in strategy.downlinks]
     assert trained == [(1, 11, 0, 0), (2, 11, 1, d[0]), (3, 11, 1, d[1]), (3, 22, 2, d[0] + d[1])]
+
+
+def test_a_node_dead_mid_round_is_left_out_then_rejoins_under_its_id_and_catches_up(tmp_path):
+    """Node 22 dies during round 2 while the SuperLink still lists it (its train message
+    times out) and comes back under the same node id (node authentication keeps it) for
+    round 3: round 2 goes on with node 11's client, node 22 is asked its state again,
+    replays rounds 1 and 2 and trains; after the sync every node holds the server's bits."""
+    cfg = _cfg(tmp_path, "flower", rounds=3)
+    grid = LoopbackGrid({11: 0, 22: 1}, settings.as_run_config(cfg), str(tmp_path / "cache"))
+    strategy = FerretFlowerStrategy(cfg, _app(min_nodes=1), log_fn=lambda s: None)
+    real_configure = strategy.configure_train
+
+    def configure(server_round, *args):
+        grid.dead = {22} if server_round == 2 else set()
+        return real_configure(server_round, *args)
+
+    strategy.configure_train = configure
+    strategy.start(grid)
+    rounds = {r["round"]: r for r in strategy.engine_rows if "nodes" in r}
+    assert [(x["node_id"], x["reason"]) for x in rounds[2]["refusals"]] == [(22, "timeout")]
+    assert metrics.read(cfg.output_dir)[2]["clients"] == [22]  # round 2 sampled 5, 13, 19 (node 22) and 22
+    queried = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "query"]
+    assert queried == [11, 22, 22]
+    assert [(n["node_id"], n["replayed"]) for n in rounds[3]["nodes"]] == [(11, 1), (22, 2)]
+    server = checkpoint.weights(os.path.join(cfg.output_dir, "checkpoint"))
+    assert _same(_node_weights(tmp_path, cfg, 0), server) and _same(_node_weights(tmp_path, cfg, 1), server)
 
 
 def _flip_a_coefficient_byte(payload: bytes) -> bytes:

@@ -13,6 +13,8 @@ config's, else ~/.cache/ferret-fl/flower) and ``device`` (else the run config's)
 
 from __future__ import annotations
 
+import time
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -57,16 +59,18 @@ def _node_and_catch_up(msg: Message, context: Context):
     from .node import Node
     from .settings import parse
 
+    started = time.perf_counter()
     request = msg.content[protocol.RECORD]
     cfg, _ = parse(context.run_config)
     partition, partitions = _partition(context)
     node = Node(cfg, _cache_path(context, request[protocol.RUN_KEY]), partition, partitions,
                 device=context.node_config.get(protocol.NODE_DEVICE) or None)
+    setup = time.perf_counter() - started
     status, detail, replayed = node.catch_up(int(request[protocol.TARGET]), int(request[protocol.REPLAY_FROM]),
                                              list(request.get(protocol.REPLAY, [])), str(request[protocol.DIGEST]))
     answer = {protocol.STATUS: status, protocol.DETAIL: detail, protocol.ROUND: node.round,
-              protocol.DIGEST: node.digest, protocol.REPLAYED: replayed}
-    return node, request, answer
+              protocol.DIGEST: node.digest, protocol.REPLAYED: replayed, protocol.SECONDS_SETUP: setup}
+    return node, request, answer, started
 
 
 @app.train()
@@ -74,15 +78,17 @@ def train(msg: Message, context: Context) -> Message:
     """Catch up to the round's starting weights, then train the requested clients."""
     from ..algorithms import Announcement
 
-    node, request, answer = _node_and_catch_up(msg, context)
+    node, request, answer, started = _node_and_catch_up(msg, context)
     if answer[protocol.STATUS] == protocol.OK:
         announcement = Announcement.from_config(request)
         answer.update(node.train(announcement, [int(c) for c in request[protocol.CLIENTS]]))
+    answer[protocol.SECONDS_NODE] = time.perf_counter() - started
     return _reply(msg, answer)
 
 
 @app.evaluate()
 def sync(msg: Message, context: Context) -> Message:
     """Catch up to the weights the server names (the final ones after the last round)."""
-    _, _, answer = _node_and_catch_up(msg, context)
+    _, _, answer, started = _node_and_catch_up(msg, context)
+    answer[protocol.SECONDS_NODE] = time.perf_counter() - started
     return _reply(msg, answer)

@@ -86,16 +86,23 @@ def project_dir() -> str:
                             "installed with `pip install -e .[flower]`")
 
 
+def app_run_config(cfg, cache_dir: str, *, min_nodes: int, resume: bool = False, round_timeout: float = 600.0,
+                   query_timeout: float = 60.0) -> dict:
+    """The run config of the app for ``cfg`` (its output directory made absolute: the
+    ServerApp runs elsewhere) with the app's own settings."""
+    from .settings import as_run_config
+
+    cfg = dataclasses.replace(cfg, output_dir=os.path.abspath(cfg.output_dir))
+    return {**as_run_config(cfg), "resume": resume, "cache-dir": cache_dir, "min-nodes": min_nodes,
+            "round-timeout": float(round_timeout), "query-timeout": float(query_timeout)}
+
+
 def run_local(cfg, *, nodes: int, engine: str, workdir: str, resume: bool = False, round_timeout: float = 600.0,
               timeout: float = 24 * 3600.0, log=print) -> RunOutcome:
     """``cfg`` on a LocalFederation of ``nodes`` nodes: started, run, checked, stopped.
     Node caches live in ``workdir`` (keep it to resume)."""
-    from .settings import as_run_config
-
-    cfg = dataclasses.replace(cfg, output_dir=os.path.abspath(cfg.output_dir))
     with LocalFederation(workdir, nodes, engine, log=log) as fed:
-        run_config = {**as_run_config(cfg), "resume": resume, "cache-dir": fed.cache_dir, "min-nodes": nodes,
-                      "round-timeout": float(round_timeout)}
+        run_config = app_run_config(cfg, fed.cache_dir, min_nodes=nodes, resume=resume, round_timeout=round_timeout)
         outcome = fed.run_app(run_config, timeout)
         if not outcome.completed:
             log(fed.run_log(outcome.run_id)[-4000:])
@@ -138,6 +145,7 @@ class LocalFederation:
         self.superlink: subprocess.Popen | None = None
         self.supernodes: dict[int, subprocess.Popen] = {}
         self._started: list[subprocess.Popen] = []
+        self.pids: list[int] = []  # every process started here, for whoever checks they are gone
 
     # ---- processes -------------------------------------------------------------------
 
@@ -147,10 +155,12 @@ class LocalFederation:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.workdir,
                                     start_new_session=True)
         self._started.append(proc)
+        self.pids.append(proc.pid)
         self.log(f"started {name} (pid {proc.pid}): {shlex.join(argv)}")
         return proc
 
-    def start(self) -> LocalFederation:
+    def start(self, partitions=None) -> LocalFederation:
+        """Start the SuperLink and (deployment) the SuperNodes of ``partitions`` (default: all)."""
         argv = [_bin("flower-superlink"), "--insecure", "--isolation", "subprocess", "--host", "127.0.0.1", "--port",
                 str(self.port), "--disable-runtime-dependency-installation"]
         if self.engine == "simulation":
@@ -159,7 +169,7 @@ class LocalFederation:
         self._wait_for_port(self.port, self.superlink)
         self._write_connection()
         if self.engine == "deployment":
-            for partition in range(self.num_nodes):
+            for partition in range(self.num_nodes) if partitions is None else partitions:
                 self.start_node(partition)
         return self
 
@@ -180,13 +190,14 @@ class LocalFederation:
         with open(os.path.join(self.home, "config.toml"), "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    def start_node(self, partition: int) -> subprocess.Popen:
-        """Start (or restart) the SuperNode of ``partition`` with its cache directory."""
+    def start_node(self, partition: int, superlink: str | None = None) -> subprocess.Popen:
+        """Start (or restart) the SuperNode of ``partition`` with its cache directory;
+        ``superlink``: the address it connects to (default: the SuperLink's, 127.0.0.1:port)."""
         if self.engine != "deployment":
             raise ValueError("SuperNodes are started only on the deployment engine")
         node_config = (f'{protocol.NODE_PARTITION}={partition} {protocol.NODE_PARTITIONS}={self.num_nodes} '
                        f'{protocol.NODE_CACHE_DIR}="{self.cache_dir}"')
-        argv = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port",
+        argv = [_bin("flower-supernode"), "--insecure", "--superlink", superlink or f"127.0.0.1:{self.port}", "--port",
                 str(free_port()), "--node-config", node_config]
         proc = self._spawn(f"supernode-{partition}", argv)
         self.supernodes[partition] = proc
@@ -230,7 +241,11 @@ class LocalFederation:
         self.supernodes.clear()
 
     def __enter__(self) -> LocalFederation:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

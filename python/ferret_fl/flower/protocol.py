@@ -47,6 +47,8 @@ TRAIN_LOSSES = "train-losses"
 SECONDS_LOCAL = "seconds-local"
 SECONDS_COMPRESS = "seconds-compress"
 REPLAYED = "replayed"  # rounds the node replayed for this message
+SECONDS_SETUP = "seconds-setup"  # building the node's model from its cache
+SECONDS_NODE = "seconds-node"  # the handler, from the message to the reply (setup, replay, training)
 
 # The SuperNode's node config keys (the simulation engine sets the first two itself).
 NODE_PARTITION, NODE_PARTITIONS, NODE_CACHE_DIR, NODE_DEVICE = "partition-id", "num-partitions", "cache-dir", "device"

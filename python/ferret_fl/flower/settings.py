@@ -26,6 +26,9 @@ APP_DEFAULTS: dict[str, Any] = {
     "cache-dir": "",
     # how long a round waits for replies; a node that has not answered by then is left out of the round
     "round-timeout": 600.0,
+    # how long the server waits for a node to name its partition and cache (a node that
+    # stays silent is asked again next round while the SuperLink lists it)
+    "query-timeout": 60.0,
     # how many nodes must be connected before round 1, and how long to wait for them
     "min-nodes": 1,
     "connect-timeout": 300.0,
@@ -37,6 +40,7 @@ class AppSettings:
     resume: bool
     cache_dir: str
     round_timeout: float
+    query_timeout: float
     min_nodes: int
     connect_timeout: float
 
@@ -61,13 +65,14 @@ def parse(values: Mapping[str, Any]) -> tuple[RunConfig, AppSettings]:
     cfg = config.load(None, overrides)
     if not isinstance(app["resume"], bool):
         raise ValueError(f"resume must be true or false; got {app['resume']!r}")
-    for key in ("round-timeout", "connect-timeout"):
+    for key in ("round-timeout", "query-timeout", "connect-timeout"):
         if isinstance(app[key], bool) or not isinstance(app[key], (int, float)) or not app[key] > 0:
             raise ValueError(f"{key} must be a positive number of seconds; got {app[key]!r}")
     if isinstance(app["min-nodes"], bool) or not isinstance(app["min-nodes"], int) or app["min-nodes"] < 1:
         raise ValueError(f"min-nodes must be an int >= 1; got {app['min-nodes']!r}")
     return cfg, AppSettings(resume=app["resume"], cache_dir=str(app["cache-dir"]),
-                            round_timeout=float(app["round-timeout"]), min_nodes=app["min-nodes"],
+                            round_timeout=float(app["round-timeout"]), query_timeout=float(app["query-timeout"]),
+                            min_nodes=app["min-nodes"],
                             connect_timeout=float(app["connect-timeout"]))
 
 

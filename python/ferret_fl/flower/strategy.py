@@ -21,9 +21,11 @@ A round, as the simulation runs it (``simulation.run``), over Flower messages:
 - ``configure_evaluate`` / ``aggregate_evaluate`` (after the last round): every node
   catches up to the final weights and proves it with its digest.
 
-Nodes that do not answer within the round's timeout are left out of the round and of
-later ones until they reconnect (a restarted SuperNode registers as a new node and
-catches up on its first message).
+A node that does not answer within round-timeout is left out of the round; while the
+SuperLink lists it, it is asked its state again (query-timeout) before its next round,
+so a SuperNode that restarts (a new node id, or the same one under node authentication)
+rejoins and catches up on its first message. A dead node drops off the SuperLink's list
+after its heartbeat window (about a minute).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class FerretFlowerStrategy(FedAvg):
         self.downlinks: list[bytes] = []
         self.digests: list[str] = [weights_digest(self.model)]
         self.nodes: dict[int, NodeRecord] = {}
-        self.silent: set[int] = set()
+        self.rejected: set[int] = set()  # nodes whose num-partitions differs from the others'
         self.rows: list[dict] = []
         self.engine_rows: list[dict] = []
         self._sent: dict[str, tuple[int, list[int]]] = {}
@@ -150,22 +152,24 @@ class FerretFlowerStrategy(FedAvg):
 
     # ---- nodes -----------------------------------------------------------------------
 
-    def _message(self, node_id: int, message_type: str, values: dict, group: int) -> Message:
+    def _message(self, node_id: int, message_type: str, values: dict, group: int, ttl: float | None = None) -> Message:
         values = {protocol.RUN_KEY: self.run_key, **values}
         return Message(RecordDict({protocol.RECORD: ConfigRecord(values)}), dst_node_id=node_id,
-                       message_type=message_type, group_id=str(group), ttl=self.app.round_timeout)
+                       message_type=message_type, group_id=str(group), ttl=ttl or self.app.round_timeout)
 
-    def refresh_nodes(self, grid: Grid, timeout: float) -> None:
-        """Forget nodes the SuperLink no longer lists; ask new ones their partition and cache."""
+    def refresh_nodes(self, grid: Grid) -> None:
+        """Forget nodes the SuperLink no longer lists; ask the others the server does not
+        know (new ones, and those that failed a message: a SuperNode restarted under the
+        same key keeps its node id) their partition and cache, within query-timeout."""
         listed = set(grid.get_node_ids())
         for gone in set(self.nodes) - listed:
             del self.nodes[gone]
-        self.silent &= listed
-        new = sorted(listed - set(self.nodes) - self.silent)
+        self.rejected &= listed
+        new = sorted(listed - set(self.nodes) - self.rejected)
         if not new:
             return
-        queries = [self._message(n, MessageType.QUERY, {}, 0) for n in new]
-        replies = grid.send_and_receive(queries, timeout=timeout)
+        queries = [self._message(n, MessageType.QUERY, {}, 0, ttl=self.app.query_timeout) for n in new]
+        replies = grid.send_and_receive(queries, timeout=self.app.query_timeout)
         sent = {q.metadata.message_id: q.metadata.dst_node_id for q in queries}
         answered = set()
         for reply in replies:
@@ -175,19 +179,18 @@ class FerretFlowerStrategy(FedAvg):
             answered.add(node)
             if reply.has_error():
                 self.say(f"node {node} did not answer its query: {reply.error.reason}")
-                self.silent.add(node)
                 continue
             self._register(node, reply.content[protocol.RECORD])
         for node in set(new) - answered:
-            self.say(f"node {node} did not answer its query within {timeout:.0f} s: left out until it reconnects")
-            self.silent.add(node)
+            self.say(f"node {node} did not answer its query within query-timeout={self.app.query_timeout:g} s: "
+                     "asked again next round while the SuperLink lists it")
 
     def _register(self, node: int, hello: ConfigRecord) -> None:
         partition, partitions = int(hello[protocol.PARTITION]), int(hello[protocol.PARTITIONS])
         known = {r.partitions for r in self.nodes.values()}
         if known and partitions not in known:
             self.say(f"node {node} says num-partitions={partitions} but the other nodes say {sorted(known)}: left out")
-            self.silent.add(node)
+            self.rejected.add(node)
             return
         cached, digest = int(hello[protocol.ROUND]), str(hello[protocol.DIGEST])
         # a cache the server can vouch for is replayed from; anything else starts over from round 1
@@ -201,7 +204,7 @@ class FerretFlowerStrategy(FedAvg):
         """Block until min-nodes nodes answered (connect-timeout, then RuntimeError)."""
         deadline = time.monotonic() + self.app.connect_timeout
         while True:
-            self.refresh_nodes(grid, timeout=self.app.connect_timeout)
+            self.refresh_nodes(grid)
             if len(self.nodes) >= self.app.min_nodes:
                 return
             if time.monotonic() > deadline:
@@ -215,11 +218,9 @@ class FerretFlowerStrategy(FedAvg):
         hosts = [(r.since, n) for n, r in self.nodes.items() if client % r.partitions == r.partition]
         return max(hosts)[1] if hosts else None
 
-    def _forget(self, node: int, alive: bool) -> None:
-        """After a failed message: ask again next round (``alive``), or leave the node out."""
+    def _forget(self, node: int) -> None:
+        """After a failed message: the node is asked its state again before its next one."""
         self.nodes.pop(node, None)
-        if not alive:
-            self.silent.add(node)
 
     def _catch_up(self, node: int, target: int) -> dict:
         start = self.nodes[node].round + 1
@@ -231,7 +232,7 @@ class FerretFlowerStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """The round's clients (sampled as the simulation samples them), one message per hosting node."""
-        self.refresh_nodes(grid, timeout=self.app.round_timeout)
+        self.refresh_nodes(grid)
         announcement = self.server.announce(server_round)
         by_node: dict[int, list[int]] = {}
         self._unhosted = []
@@ -272,16 +273,17 @@ class FerretFlowerStrategy(FedAvg):
             self.say(f"round {target + 1}: node {node} refused ({reason}): {detail}")
 
         if reply.has_error():
-            alive = reply.metadata.src_node_id == node  # else the SuperLink reports the node gone
-            refuse("error", f"{reply.error.reason} (code {reply.error.code})")
-            self._forget(node, alive)
+            # from another source id the SuperLink reports the node gone; from the node, its ClientApp failed
+            source = "the node" if reply.metadata.src_node_id == node else "the SuperLink"
+            refuse("error", f"{source}: {reply.error.reason} (code {reply.error.code})")
+            self._forget(node)
             return None
         try:
             answer = reply.content[protocol.RECORD]
             status, cached, digest = str(answer[protocol.STATUS]), int(answer[protocol.ROUND]), str(answer[protocol.DIGEST])
         except (KeyError, TypeError, ValueError) as exc:
             refuse("malformed", f"the reply lacks {exc}")
-            self._forget(node, alive=True)
+            self._forget(node)
             return None
         record = self.nodes.get(node)
         if status == protocol.RESYNC:
@@ -308,9 +310,9 @@ class FerretFlowerStrategy(FedAvg):
         for node in sorted(missing):
             refusals.append({"round": r, "node_id": node, "reason": "timeout",
                              "detail": f"no reply within round-timeout={self.app.round_timeout:g} s"})
-            self.say(f"round {r}: node {node} did not answer within {self.app.round_timeout:g} s: left out until it "
-                     "reconnects")
-            self._forget(node, alive=False)
+            self.say(f"round {r}: node {node} did not answer within {self.app.round_timeout:g} s: the round goes on "
+                     "without it")
+            self._forget(node)
         uploads: dict[int, tuple[bytes, float]] = {}
         seconds = dict.fromkeys(metrics.PHASES, 0.0)
         traffic = []
@@ -322,6 +324,9 @@ class FerretFlowerStrategy(FedAvg):
                 traffic.append(entry)
                 continue
             entry["replayed"] = int(answer.get(protocol.REPLAYED, 0))
+            for key in (protocol.SECONDS_SETUP, protocol.SECONDS_NODE):
+                if key in answer:
+                    entry[key.replace("-", "_")] = float(answer[key])
             traffic.append(entry)
             try:
                 rows = list(zip(answer[protocol.CLIENT_IDS], answer[protocol.UPLOADS], answer[protocol.TRAIN_LOSSES],
@@ -383,8 +388,10 @@ class FerretFlowerStrategy(FedAvg):
                  + f", up {row['bytes_up']:,} B, down {row['bytes_down']:,} B")
         self._write_round_log(r, traffic, refusals + self.server.refusals)
         check_divergence(self.cfg, self.rows[:-1], row)
+        t = time.perf_counter()
         checkpoint.save(self.ckpt_dir, self.model, self.server.state_dict(),
                         {"round": r, "config": as_dict(self.cfg), "digests": self.digests})
+        self.engine_rows[-1]["checkpoint_seconds"] = time.perf_counter() - t
         accepted = len(clients) - len(self.server.refusals)
         return None, MetricRecord({"train-loss": row["train_loss"], "eval-loss": row["eval_loss"],
                                    "clients": accepted, "refused": len(row_refusals)})
@@ -400,7 +407,7 @@ class FerretFlowerStrategy(FedAvg):
         """After the last round: every node catches up to the final weights."""
         if server_round != self.cfg.rounds:
             return []
-        self.refresh_nodes(grid, timeout=self.app.round_timeout)
+        self.refresh_nodes(grid)
         self._messages = [self._message(n, MessageType.EVALUATE, self._catch_up(n, server_round), server_round)
                           for n in sorted(self.nodes) if self.nodes[n].round != server_round]
         return self._messages
@@ -412,7 +419,7 @@ class FerretFlowerStrategy(FedAvg):
         in_sync = []
         for node in sorted(missing):
             self.say(f"sync: node {node} did not answer within {self.app.round_timeout:g} s")
-            self._forget(node, alive=False)
+            self._forget(node)
         for node, reply in sorted(got.items()):
             if self._check_reply(node, reply, server_round, refusals) is not None:
                 in_sync.append(node)
