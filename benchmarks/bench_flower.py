@@ -3,24 +3,25 @@
     .venv/bin/python benchmarks/bench_flower.py --json benchmarks/flower.json        # SmolLM2-135M, K = 7800
     .venv/bin/python benchmarks/bench_flower.py --model llama-tiny-shape --data synthetic --budget 96   # minutes
 
-Three runs of one config (2 clients a round):
+Three runs of one config (one client a round):
 
 1. in-process: ``ferret_fl.simulation.run``, each round timed (the reference);
 2. deployment engine: a SuperLink and 2 SuperNodes, each SuperNode connected through a
-   TCP relay that counts every byte of its connection (gRPC and HTTP/2 framing, polls,
-   heartbeats); SuperNode 1 starts while round ``--missed`` runs, so its first message
-   carries the ``--missed`` GlobalUpdates it lacks (catch-up by replay);
+   TCP relay that counts every byte of its connection (Flower's Fleet API over HTTP:
+   headers, polls, heartbeats); SuperNode 1 starts while round ``--missed`` runs, so its first message
+   carries the ``--missed`` GlobalUpdates it lacks (catch-up by replay; the seed is the
+   first from ``--seed`` whose rounds 1..missed each have a client for node 0);
 3. simulation engine: 2 virtual nodes (Ray), for its round time.
 
 Reported (markdown, and everything in ``--json``):
 
 - bytes per client per round: the in-process count (the encoded upload and downlink),
   Flower's serialized messages (``protocol.message_bytes``) and the relay's TCP bytes,
-  over node-rounds where a node trained exactly one client and replayed one round;
+  over rounds whose node was one round behind (one GlobalUpdate down, one upload up);
 - per-round engine time against the in-process round, split into the server's work
-  (aggregate, apply, evaluation), the slowest node's handler (building its model from
-  its cache, replay, training) and the rest (Flower: a ClientApp process per message,
-  imports, transport, polling);
+  (aggregate, apply, evaluation, checkpoint), the node's handler (imports, its model
+  from its cache, replay, training) and the rest (Flower: a ClientApp process per message
+  and Flower's imports, transport, polling);
 - the catch-up: node 1's first message (GlobalUpdates, Flower message, TCP) against
   downloading the model (its safetensors file, and a Flower message carrying it as an
   ArrayRecord, as Flower's own FedAvg ships it).
@@ -33,6 +34,7 @@ import asyncio
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +44,7 @@ from common import environment
 
 from ferret_fl import config, metrics, simulation
 from ferret_fl.flower import protocol
-from ferret_fl.flower.launcher import LocalFederation, app_run_config, descendants, project_dir
+from ferret_fl.flower.launcher import OFFLINE_ENV, LocalFederation, app_run_config, descendants, project_dir
 from ferret_fl.flower.strategy import FLOWER_FILE
 
 POLL = 0.2
@@ -71,7 +73,11 @@ class CountingRelay:
         self.loop.run_forever()
 
     async def _connection(self, reader, writer) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # the SuperLink is gone (the federation is stopping)
+            writer.close()
+            return
 
         async def pipe(src, dst, upward: bool) -> None:
             try:
@@ -96,12 +102,26 @@ class CountingRelay:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def run_config(args, output_dir: str):
+def run_config(args, output_dir: str, seed: int | None = None):
+    """One client a round (a fraction 1 / clients), so a round's bytes and time are one client's."""
     return config.load(None, {"model": args.model, "data": args.data, "rounds": args.missed + 4,
-                              "clients_per_round": 2, "local_steps": 1, "batch_size": 1, "grad_accum": 1,
+                              "clients_per_round": 1 / args.num_clients, "local_steps": 1, "batch_size": 1, "grad_accum": 1,
                               "max_length": args.max_length, "lr": 1e-4, "budget": args.budget,
                               "eval_samples": 1, "eval_loss_samples": 2, "max_new_tokens": 4, "eval_batch_size": 2,
-                              "divergence_factor": 0, "output_dir": output_dir, "seed": args.seed})
+                              "divergence_factor": 0, "output_dir": output_dir,
+                              "seed": args.seed if seed is None else seed})
+
+
+def scenario_seed(args) -> int:
+    """The first seed from --seed whose rounds 1..missed sample a client of partition 0 and
+    round missed + 1 one of partition 1: node 0 trains alone (a round nobody can train would
+    wait for node 1), then node 1's first message carries exactly ``missed`` GlobalUpdates."""
+    wanted = [0] * args.missed + [1]
+    for seed in range(args.seed, args.seed + 10000):
+        cfg = run_config(args, "unused", seed)
+        if [simulation.sample_clients(cfg, r, args.num_clients)[0] % 2 for r in range(1, args.missed + 2)] == wanted:
+            return seed
+    raise RuntimeError(f"no seed in [{args.seed}, {args.seed + 10000}) gives the scenario")
 
 
 def in_process(cfg, log) -> dict:
@@ -216,7 +236,16 @@ def model_download(cfg) -> dict:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a Message needs them outside a runtime
     message = Message(RecordDict({"arrays": ArrayRecord(state)}), dst_node_id=2, message_type="train")
     return {"safetensors_bytes": safetensors_bytes, "flower_message_bytes": protocol.message_bytes(message),
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()), "fab_bytes": fab_bytes()}
+
+
+def fab_bytes() -> int:
+    """Size of the app's FAB (``flwr build``), which a SuperNode fetches once per run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([os.path.join(os.path.dirname(sys.executable), "flwr"), "build", "--app", project_dir()],
+                       cwd=tmp, check=True, capture_output=True, env={**os.environ, **OFFLINE_ENV})
+        (fab,) = [f for f in os.listdir(tmp) if f.endswith(".fab")]
+        return os.path.getsize(os.path.join(tmp, fab))
 
 
 def _median(values):
@@ -231,7 +260,7 @@ def summarize(ref: dict, dep: dict, sim: dict, download: dict, missed: int) -> d
     for r, entry in sorted(nodes.items()):
         for n in entry["nodes"]:
             partition_of.setdefault(n["node_id"], n["clients"][0] % 2)
-            if r == 1 or len(n["clients"]) != 1 or n.get("replayed") != 1:
+            if r == 1 or n.get("replayed") != 1:  # one GlobalUpdate down, one ClientUpdate up
                 continue
             p = partition_of[n["node_id"]]
             tcp = dep["tcp"][p]
@@ -242,6 +271,13 @@ def summarize(ref: dict, dep: dict, sim: dict, download: dict, missed: int) -> d
             per_client.append({"round": r, "node": p, "upload": rows[r]["bytes_up_per_client"],
                                "downlink": rows[r]["bytes_down_per_client"], "message_up": n["bytes_from_node"],
                                "message_down": n["bytes_to_node"], "tcp_up": up, "tcp_down": down})
+    # a connection with no message in a round carries only polls and heartbeats
+    idle = []
+    for r, entry in sorted(nodes.items()):
+        busy = {partition_of.get(n["node_id"]) for n in entry["nodes"]}
+        for p, tcp in dep["tcp"].items():
+            if p not in busy and r - 1 in tcp and r in tcp and r > missed + 1:
+                idle.append((tcp[r][0] - tcp[r - 1][0] + tcp[r][1] - tcp[r - 1][1]) / entry["round_seconds"])
     joined = [n for n in nodes[missed + 1]["nodes"] if partition_of[n["node_id"]] == 1]
     catch_up = None
     if joined:
@@ -268,7 +304,7 @@ def summarize(ref: dict, dep: dict, sim: dict, download: dict, missed: int) -> d
     # evaluation) left out; the simulation engine's rounds likewise
     sim_rows = {r["round"]: r for r in sim["rows"]}
     steady = list(range(missed + 2, len(ref["round_seconds"])))
-    return {"per_client": per_client, "catch_up": catch_up,
+    return {"per_client": per_client, "catch_up": catch_up, "idle_tcp_bytes_per_second": idle,
             "deployment_rounds": timing(dep["engine"], rows, steady, ref["round_seconds"]),
             "simulation_rounds": timing(sim["engine"], sim_rows, sorted(r for r in sim_rows if 0 < r < len(sim_rows) - 1),
                                         ref["round_seconds"])}
@@ -279,22 +315,25 @@ def tables(summary: dict) -> str:
     pc = summary["per_client"]
     if pc:
         med = {k: _median([x[k] for x in pc]) for k in pc[0] if k not in ("round", "node")}
-        out += [f"Bytes per client per round (median of {len(pc)} node-rounds with one client):", "",
+        out += [f"Bytes per client per round (median of {len(pc)} rounds whose node was one round behind):", "",
                 "| direction | in-process (encoded message) | Flower messages | TCP on the SuperNode's connection |",
                 "|---|---|---|---|",
                 f"| up (ClientUpdate) | {med['upload']:,.0f} | {med['message_up']:,.0f} | {med['tcp_up']:,.0f} |",
                 f"| down (GlobalUpdate) | {med['downlink']:,.0f} | {med['message_down']:,.0f} | "
                 f"{med['tcp_down']:,.0f} |",
                 f"| total | {med['upload'] + med['downlink']:,.0f} | {med['message_up'] + med['message_down']:,.0f} | "
-                f"{med['tcp_up'] + med['tcp_down']:,.0f} |", ""]
+                f"{med['tcp_up'] + med['tcp_down']:,.0f} |", "",
+                f"An idle SuperNode's connection (polls, heartbeats): {_median(summary['idle_tcp_bytes_per_second']):,.0f}"
+                f" B/s (median of {len(summary['idle_tcp_bytes_per_second'])} node-rounds without a message); the "
+                "TCP column includes it for the round's duration.", ""]
     for name in ("deployment_rounds", "simulation_rounds"):
         rows = summary[name]
         if not rows:
             continue
         med = {k: _median([x[k] for x in rows]) for k in rows[0] if k != "round"}
         out += [f"{name.replace('_', ' ')} (median of rounds {[x['round'] for x in rows]}, seconds):", "",
-                "| engine round | in-process round | overhead | server work | slowest node handler | of which model "
-                "from cache | Flower (processes, imports, transport) |", "|---|---|---|---|---|---|---|",
+                "| engine round | in-process round | overhead | server work | node handler | of which setup "
+                "(imports, model from cache) | Flower (process start, transport, polling) |", "|---|---|---|---|---|---|---|",
                 f"| {med['engine']:.1f} | {med['in_process']:.1f} | {med['engine'] - med['in_process']:+.1f} | "
                 f"{med['server']:.1f} | {med['node_handler']:.1f} | {med['node_setup']:.1f} | {med['flower']:.1f} |",
                 ""]
@@ -304,7 +343,8 @@ def tables(summary: dict) -> str:
                 "", "| what | bytes |", "|---|---|",
                 f"| the {c['replayed']} GlobalUpdates | {c['replay_bytes']:,} |",
                 f"| its Flower message (the round's announcement included) | {c['message_bytes']:,} |",
-                f"| TCP to the node during that round | {c['tcp_down']:,} |",
+                f"| TCP to the node during that round (the app's FAB, {c['fab_bytes']:,} B once per node and run, "
+                f"and polls included) | {c['tcp_down']:,} |",
                 f"| the model as safetensors ({c['parameters']:,} parameters) | {c['safetensors_bytes']:,} |",
                 f"| the model in a Flower message (ArrayRecord) | {c['flower_message_bytes']:,} |", ""]
     return "\n".join(out)
@@ -315,9 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="ni-subset")
     ap.add_argument("--budget", type=int, default=7800, help="K")
-    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--missed", type=int, default=5, help="rounds node 1 misses before it joins")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, default=42, help="the first seed tried (see scenario_seed)")
     ap.add_argument("--workdir", help="default: a temporary directory")
     ap.add_argument("--json", help="write every measurement here")
     args = ap.parse_args(argv)
@@ -328,6 +368,8 @@ def main(argv=None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="bench-flower-"))
+    args.num_clients = simulation.load_dataset(config.load(None, {"data": args.data})).num_clients
+    args.seed = scenario_seed(args)
     env = environment()
     log(f"workdir {workdir}; {env}")
     ref = in_process(run_config(args, os.path.join(workdir, "in-process")), log)

@@ -188,6 +188,16 @@ def test_a_node_dead_mid_round_is_left_out_then_rejoins_under_its_id_and_catches
     assert _same(_node_weights(tmp_path, cfg, 0), server) and _same(_node_weights(tmp_path, cfg, 1), server)
 
 
+def test_a_round_no_connected_node_can_train_waits_then_names_what_to_start(tmp_path):
+    cfg = _cfg(tmp_path, "flower", clients_per_round=0.04)  # one of the 25 clients
+    client = simulation.sample_clients(cfg, 1, 25)[0]
+    grid = LoopbackGrid({11: 1 - client % 2}, settings.as_run_config(cfg), str(tmp_path / "cache"))
+    strategy = FerretFlowerStrategy(cfg, _app(min_nodes=1, connect_timeout=1.0), log_fn=lambda s: None)
+    with pytest.raises(RuntimeError, match=rf"round 1: no connected node hosts any of its clients \[{client}\]"):
+        strategy.start(grid)
+    assert [r["round"] for r in metrics.read(cfg.output_dir)] == [0]
+
+
 def _flip_a_coefficient_byte(payload: bytes) -> bytes:
     """``payload`` with one bit of its first coefficient flipped (finite still: only its digest tells)."""
     header_len = int.from_bytes(payload[:8], "little")
@@ -276,3 +286,13 @@ def test_run_key_ignores_what_a_resume_may_change():
     b = config.load(None, {"rounds": 50, "output_dir": "elsewhere"})
     c = config.load(None, {"seed": 7})
     assert settings.run_key(a) == settings.run_key(b) != settings.run_key(c)
+
+
+def test_cli_prints_a_run_config_that_flower_parses_back(capsys):
+    from ferret_fl import cli
+
+    assert cli.main(["flower", "--print-run-config", "--model", "llama-tiny-shape", "--rounds", "7", "--nodes", "3",
+                     "--max-grad-norm", "null", "--output-dir", "/srv/ferret/run"]) == 0
+    cfg, app = settings.parse(tomllib.loads(capsys.readouterr().out))
+    assert cfg == config.load(None, {"model": "llama-tiny-shape", "rounds": 7, "output_dir": "/srv/ferret/run"})
+    assert app.min_nodes == 3 and app.cache_dir == "" and not app.resume

@@ -8,7 +8,7 @@
 - ``protocol``: the messages; ``cache``: a node's model between messages (catch-up by
   replaying the GlobalUpdates it missed, proven by its weight digest).
 - ``settings``: the run config; ``launcher``: a SuperLink and SuperNodes on 127.0.0.1
-  (``ferret-fl flower-local``).
+  (``ferret-fl flower``).
 
 This package's ``__init__`` imports nothing heavy: a ClientApp process starts per message.
 """

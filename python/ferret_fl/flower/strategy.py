@@ -231,18 +231,29 @@ class FerretFlowerStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The round's clients (sampled as the simulation samples them), one message per hosting node."""
-        self.refresh_nodes(grid)
+        """The round's clients (sampled as the simulation samples them), one message per
+        hosting node. When no connected node hosts any of them, it waits for one
+        (connect-timeout, then RuntimeError): a round without an upload cannot advance."""
         announcement = self.server.announce(server_round)
-        by_node: dict[int, list[int]] = {}
-        self._unhosted = []
         self._sampled = sample_clients(self.cfg, server_round, self.dataset.num_clients)
-        for c in self._sampled:
-            node = self.host(c)
-            if node is None:
-                self._unhosted.append(c)
-            else:
-                by_node.setdefault(node, []).append(c)
+        deadline = time.monotonic() + self.app.connect_timeout
+        while True:
+            self.refresh_nodes(grid)
+            by_node: dict[int, list[int]] = {}
+            self._unhosted = []
+            for c in self._sampled:
+                node = self.host(c)
+                if node is None:
+                    self._unhosted.append(c)
+                else:
+                    by_node.setdefault(node, []).append(c)
+            if by_node:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"round {server_round}: no connected node hosts any of its clients {self._sampled} "
+                                   f"within connect-timeout={self.app.connect_timeout:g} s; the checkpoint holds round "
+                                   f"{server_round - 1}: start the SuperNodes of their partitions and resume")
+            time.sleep(POLL_SECONDS)
         if self._unhosted:
             self.say(f"round {server_round}: no connected node hosts clients {self._unhosted}: they sit this round out")
         self._messages = [self._message(node, MessageType.TRAIN, {**announcement.as_config(), protocol.CLIENTS: clients,
