@@ -296,3 +296,33 @@ def test_cli_prints_a_run_config_that_flower_parses_back(capsys):
     cfg, app = settings.parse(tomllib.loads(capsys.readouterr().out))
     assert cfg == config.load(None, {"model": "llama-tiny-shape", "rounds": 7, "output_dir": "/srv/ferret/run"})
     assert app.min_nodes == 3 and app.cache_dir == "" and not app.resume
+
+
+def test_readme_flower_commands_use_flags_the_installed_flower_knows():
+    """Every --flag the README's "Run across machines" gives flower-superlink,
+    flower-supernode, flwr and ferret-fl exists in that command's --help."""
+    import re
+    import subprocess
+    import sys
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        section = f.read().split("## Run across machines", 1)[1].split("\n## ", 1)[0]
+    commands = re.sub(r"\\\n\s*", " ", "\n".join(re.findall(r"```bash\n(.*?)```", section, flags=re.S)))
+    bin_dir = os.path.dirname(sys.executable)
+    checked, helps = set(), {}
+    for line in commands.splitlines():
+        words = line.split("#", 1)[0].split()
+        if not words or words[0] not in ("flower-superlink", "flower-supernode", "flwr", "ferret-fl"):
+            continue
+        subcommand = {"flwr": words[1:3] if words[1:2] == ["supernode"] else words[1:2], "ferret-fl": words[1:2]}
+        argv = [os.path.join(bin_dir, words[0]), *subcommand.get(words[0], [])]
+        if tuple(argv) not in helps:
+            helps[tuple(argv)] = subprocess.run([*argv, "--help"], capture_output=True, text=True, timeout=120,
+                                                env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+                                                     "COLUMNS": "200"}).stdout
+        help_text = helps[tuple(argv)]
+        for flag in re.findall(r"(?<!\S)(--[a-z][a-z0-9-]*)", line.split("#", 1)[0]):
+            assert flag in help_text, f"{' '.join(words[:1] + argv[1:])}: {flag} is not in its --help"
+            checked.add((words[0], flag))
+    assert {("flower-superlink", "--enable-supernode-auth"), ("flower-supernode", "--auth-supernode-private-key"),
+            ("flower-supernode", "--root-certificates"), ("ferret-fl", "--print-run-config")} <= checked

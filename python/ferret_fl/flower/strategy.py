@@ -81,13 +81,6 @@ def _downlink_path(output_dir: str, round_index: int) -> str:
     return os.path.join(output_dir, DOWNLINKS_DIR, f"round-{round_index:06d}.bin")
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class FerretFlowerStrategy(FedAvg):
     """Any ferret-fl algorithm (``cfg.algorithm``) on Flower's Message API; see the module docstring."""
 
@@ -108,7 +101,6 @@ class FerretFlowerStrategy(FedAvg):
         self.rejected: set[int] = set()  # nodes whose num-partitions differs from the others'
         self.rows: list[dict] = []
         self.engine_rows: list[dict] = []
-        self._sent: dict[str, tuple[int, list[int]]] = {}
         self._messages: list[Message] = []
         self.ckpt_dir = os.path.join(cfg.output_dir, "checkpoint")
         os.makedirs(os.path.join(cfg.output_dir, DOWNLINKS_DIR), exist_ok=True)
@@ -148,7 +140,7 @@ class FerretFlowerStrategy(FedAvg):
 
     def _write_engine_rows(self) -> None:
         path = os.path.join(self.cfg.output_dir, FLOWER_FILE)
-        _write_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.engine_rows).encode())
+        checkpoint.write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.engine_rows).encode())
 
     # ---- nodes -----------------------------------------------------------------------
 
@@ -180,7 +172,10 @@ class FerretFlowerStrategy(FedAvg):
             if reply.has_error():
                 self.say(f"node {node} did not answer its query: {reply.error.reason}")
                 continue
-            self._register(node, reply.content[protocol.RECORD])
+            try:
+                self._register(node, reply.content[protocol.RECORD])
+            except (KeyError, TypeError, ValueError) as exc:
+                self.say(f"node {node} answered its query with a malformed record ({exc!r}): asked again next round")
         for node in set(new) - answered:
             self.say(f"node {node} did not answer its query within query-timeout={self.app.query_timeout:g} s: "
                      "asked again next round while the SuperLink lists it")
@@ -188,6 +183,10 @@ class FerretFlowerStrategy(FedAvg):
     def _register(self, node: int, hello: ConfigRecord) -> None:
         partition, partitions = int(hello[protocol.PARTITION]), int(hello[protocol.PARTITIONS])
         known = {r.partitions for r in self.nodes.values()}
+        if not 0 <= partition < partitions:
+            self.say(f"node {node} says partition-id={partition} of num-partitions={partitions}: left out")
+            self.rejected.add(node)
+            return
         if known and partitions not in known:
             self.say(f"node {node} says num-partitions={partitions} but the other nodes say {sorted(known)}: left out")
             self.rejected.add(node)
@@ -373,7 +372,7 @@ class FerretFlowerStrategy(FedAvg):
         seconds["apply"] = time.perf_counter() - t
         self.digests.append(weights_digest(self.model))
         self.downlinks.append(downlink)
-        _write_atomic(_downlink_path(self.cfg.output_dir, r), downlink)
+        checkpoint.write_bytes(_downlink_path(self.cfg.output_dir, r), downlink)
         t = time.perf_counter()
         loss, result = evaluate_round(self.cfg, self.evaluator, self.model, r)
         seconds["evaluation"] = time.perf_counter() - t
