@@ -29,7 +29,7 @@ from ferret_fl.models import load_causal_lm
 # coefficients whatever the distribution), the guard off so damage is measured, not stopped.
 SETTINGS = dict(algorithm="ferret", model="smollm2-135m", data="ni-subset", clients_per_round=10, rounds=2,
                 local_steps=2, batch_size=2, grad_accum=1, max_length=1024, lr=3e-4, distribution="rademacher",
-                eval_samples=13, eval_loss_samples=26, max_new_tokens=32, eval_batch_size=13, divergence_factor=0)
+                eval_samples=13, eval_loss_samples=26, max_new_tokens=16, eval_batch_size=13, divergence_factor=0)
 NO_DEFENCE = dict(aggregation="mean", influence_cap="null", max_step="null")
 DEFENCE = dict(aggregation="median")
 ATTACKS = ("scaled", "random", "sign_flip")
@@ -65,8 +65,8 @@ def main() -> None:
             with torch.no_grad():
                 model.load_state_dict(initial)
             t = time.perf_counter()
-            rows = simulation.run(cfg, progress=False, log=lambda s: None, preloaded=(model, tokenizer),
-                                  baseline=baseline)
+            rows = simulation.run(cfg, progress=False, log=lambda s, label=label: print(f"[{label}] {s}", flush=True),
+                                  preloaded=(model, tokenizer), baseline=baseline)
             baseline = baseline or rows[0]
             refused = [len(r.get("refusals", [])) for r in rows[1:]]
             attackers = [len(r.get("byzantine", [])) for r in rows[1:]]
