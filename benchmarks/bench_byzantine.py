@@ -27,19 +27,20 @@ from ferret_fl.models import load_causal_lm
 # Small enough for a 2-core CPU: 10 clients a round so that 10% is one client, Rademacher
 # bases (compress ~20x cheaper than Gaussian on the CPU; the defences act on the
 # coefficients whatever the distribution), the guard off so damage is measured, not stopped.
-SETTINGS = dict(algorithm="ferret", model="smollm2-135m", data="ni-subset", clients_per_round=10, rounds=3,
-                local_steps=2, batch_size=2, grad_accum=1, max_length=256, lr=3e-4, distribution="rademacher",
-                eval_samples=13, eval_loss_samples=26, max_new_tokens=32, eval_batch_size=13, divergence_factor=0)
+SETTINGS = dict(algorithm="ferret", model="smollm2-135m", data="ni-subset", clients_per_round=10, rounds=2,
+                local_steps=2, batch_size=2, grad_accum=1, max_length=1024, lr=3e-4, distribution="rademacher",
+                eval_samples=13, eval_loss_samples=26, max_new_tokens=16, eval_batch_size=13, divergence_factor=0)
 NO_DEFENCE = dict(aggregation="mean", influence_cap="null", max_step="null")
 DEFENCE = dict(aggregation="median")
 ATTACKS = ("scaled", "random", "sign_flip")
-FRACTIONS = (0.1, 0.2)
+# 20% first: rows print as they finish, so a cut-short run answers the harder case first.
+FRACTIONS = (0.2, 0.1)
 
 
 def rows_to_run() -> list[tuple[str, dict]]:
     rows = [("clean", {})]
-    for attack in ATTACKS:
-        for fraction in FRACTIONS:
+    for fraction in FRACTIONS:
+        for attack in ATTACKS:
             for label, defence in (("no defence", NO_DEFENCE), ("defended", DEFENCE)):
                 rows.append((f"{attack} {fraction:.0%} {label}", dict(attack=attack, byzantine_fraction=fraction,
                                                                          **defence)))
@@ -64,8 +65,8 @@ def main() -> None:
             with torch.no_grad():
                 model.load_state_dict(initial)
             t = time.perf_counter()
-            rows = simulation.run(cfg, progress=False, log=lambda s: None, preloaded=(model, tokenizer),
-                                  baseline=baseline)
+            rows = simulation.run(cfg, progress=False, log=lambda s, label=label: print(f"[{label}] {s}", flush=True),
+                                  preloaded=(model, tokenizer), baseline=baseline)
             baseline = baseline or rows[0]
             refused = [len(r.get("refusals", [])) for r in rows[1:]]
             attackers = [len(r.get("byzantine", [])) for r in rows[1:]]
@@ -85,7 +86,7 @@ def main() -> None:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| row | held-out loss by round (0 → 3) | Rouge-L (paper) after | attackers / refused per round |",
+    lines = ["| row | held-out loss by round (0 → 2) | Rouge-L (paper) after | attackers / refused per round |",
              "|---|---|---|---|"]
     for r in results:
         losses = " → ".join(f"{x:.3f}" if x < 1e3 else f"{x:.2e}" for x in r["eval_loss"])
