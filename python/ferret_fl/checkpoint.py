@@ -47,6 +47,15 @@ def _atomic(path: str, write) -> None:
     _fsync(os.path.dirname(path) or ".")
 
 
+def write_bytes(path: str, data: bytes) -> None:
+    """``data`` at ``path`` by the same rule as a checkpoint's files (a crash leaves the old or the new)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(path, write)
+
+
 def save(directory: str, model: torch.nn.Module, server_state: dict[str, torch.Tensor],
          state: dict[str, Any]) -> None:
     """Write ``model``'s parameters, the server role's tensors and ``state`` (JSON, with an

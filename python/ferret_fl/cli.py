@@ -6,6 +6,8 @@
     ferret-fl demo                             # minutes: Ferret vs FedAvg, SmolLM2-135M on the shipped NI subset
     ferret-fl compare --output-dir runs/compare  # 4 algorithms x 5 seeds with confidence intervals (hours)
     ferret-fl report runs/a runs/b --plot runs/compare.png
+    ferret-fl flower --nodes 2 ...             # the same run on Flower: SuperLink + 2 SuperNodes on 127.0.0.1
+    ferret-fl flower ... --print-run-config > run.toml   # for `flwr run` on a real federation
 """
 
 from __future__ import annotations
@@ -94,6 +96,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_flower(args) -> int:
+    from .flower import launcher
+
+    cfg = config.load(args.config, _overrides(args))
+    if args.print_run_config:
+        from .flower.settings import toml_lines
+
+        print(toml_lines(launcher.app_run_config(cfg, "", min_nodes=args.nodes, resume=args.resume,
+                                                 round_timeout=args.round_timeout)), end="")
+        return 0
+    workdir = args.workdir or os.path.join(cfg.output_dir, "flower")
+    outcome = launcher.run_local(cfg, nodes=args.nodes, engine=args.engine, workdir=workdir, resume=args.resume,
+                                 round_timeout=args.round_timeout, timeout=args.timeout)
+    if not outcome.completed:
+        print(f"ferret-fl: the Flower run {outcome.run_id} ended {outcome.status}; logs in {workdir}", file=sys.stderr)
+        return 4
+    print(report.compare([cfg.output_dir]))
+    return 0
+
+
 def cmd_report(args) -> int:
     print(report.compare(args.run_dirs))
     if args.plot:
@@ -131,6 +153,20 @@ def main(argv=None) -> int:
                                                                  "there")
     comp.add_argument("--no-progress", action="store_true")
     comp.set_defaults(fn=cmd_compare)
+    fl = sub.add_parser("flower", help="the run on Flower: a SuperLink and N SuperNodes (or N simulated nodes) on "
+                                       "127.0.0.1, stopped when the run ends; or the run config for `flwr run`")
+    _add_run_flags(fl)
+    fl.add_argument("--nodes", type=int, default=2, help="nodes; node i trains the clients c with c %% nodes == i")
+    fl.add_argument("--engine", choices=("deployment", "simulation"), default="deployment")
+    fl.add_argument("--workdir", help="logs, FLWR_HOME and node caches (default: <output-dir>/flower; keep it to "
+                                      "--resume)")
+    fl.add_argument("--round-timeout", type=float, default=600.0,
+                    help="seconds a round waits for a node before going on without it")
+    fl.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds before the whole run is stopped")
+    fl.add_argument("--print-run-config", action="store_true",
+                    help="print the run config (TOML) for `flwr run --run-config` on a real federation and exit; "
+                         "--nodes is its min-nodes, --output-dir a path on the SuperLink's machine")
+    fl.set_defaults(fn=cmd_flower)
     rep = sub.add_parser("report", help="comparison table (and plot) from output directories")
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--plot", help="write a PNG here")

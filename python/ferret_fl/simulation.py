@@ -148,6 +148,20 @@ def _save_result(run_dir: str, round_index: int, result: evaluation.EvalResult) 
     os.replace(tmp, path)
 
 
+def evaluate_round(cfg: RunConfig, evaluator: Evaluator, model, round_index: int,
+                   progress: bool = False) -> tuple[float, evaluation.EvalResult | None]:
+    """The held-out loss after ``round_index`` (0: before training), and the generation
+    evaluation on the rounds it runs (before the first, after the last, every
+    ``eval_every``; saved in the run directory)."""
+    loss = evaluator.loss(model)
+    if not math.isfinite(loss) or not (round_index in (0, cfg.rounds) or
+                                       (cfg.eval_every > 0 and round_index % cfg.eval_every == 0)):
+        return loss, None
+    result = evaluator.generate(model, progress)
+    _save_result(cfg.output_dir, round_index, result)
+    return loss, result
+
+
 class DivergedError(RuntimeError):
     """The held-out loss exploded or stopped being finite; the message names the knobs to turn."""
 
@@ -221,8 +235,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
             row = {**baseline, "algorithm": cfg.algorithm}
         else:
             t = time.perf_counter()
-            loss, result = evaluator.loss(model), evaluator.generate(model, progress)
-            _save_result(cfg.output_dir, 0, result)
+            loss, result = evaluate_round(cfg, evaluator, model, 0, progress)
             row = metrics.initial_row(cfg.algorithm, loss, quality(result), time.perf_counter() - t)
         rows = [row]
         metrics.write(cfg.output_dir, rows)
@@ -259,11 +272,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         server.apply_(model, downlink, r)
         seconds["apply"] = time.perf_counter() - t
         t = time.perf_counter()
-        loss = evaluator.loss(model)
-        result = None
-        if math.isfinite(loss) and (r == cfg.rounds or (cfg.eval_every > 0 and r % cfg.eval_every == 0)):
-            result = evaluator.generate(model, progress)
-            _save_result(cfg.output_dir, r, result)
+        loss, result = evaluate_round(cfg, evaluator, model, r, progress)
         seconds["evaluation"] = time.perf_counter() - t
         row = metrics.round_row(r, cfg.algorithm, clients=clients, train_losses=[m.train_loss for m in messages],
                                 eval_loss=loss, upload_sizes=[len(m.payload) for m in messages],
