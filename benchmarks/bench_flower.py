@@ -231,7 +231,9 @@ def model_download(cfg) -> dict:
     from ferret_fl.flower.peer import build_model
 
     model, _ = build_model(cfg)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    # named_parameters() lists a tied tensor once (SmolLM2's lm_head is its embedding), as
+    # the node's cache stores it; a state_dict would count it twice
+    state = {k: v.detach().contiguous() for k, v in model.named_parameters()}
     safetensors_bytes = len(save(state))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # a Message needs them outside a runtime
     message = Message(RecordDict({"arrays": ArrayRecord(state)}), dst_node_id=2, message_type="train")
@@ -372,13 +374,13 @@ def main(argv=None) -> int:
     args.seed = scenario_seed(args)
     env = environment()
     log(f"workdir {workdir}; {env}")
+    sim_cfg = run_config(args, os.path.join(workdir, "simulation"))
+    download = model_download(sim_cfg)  # first: seconds, where a failure would waste the runs' minutes
     ref = in_process(run_config(args, os.path.join(workdir, "in-process")), log)
     dep = deployment(run_config(args, os.path.join(workdir, "deployment")), args,
                      os.path.join(workdir, "deployment-federation"), log)
-    sim_cfg = run_config(args, os.path.join(workdir, "simulation"))
     sim = simulation_engine(config.load(None, {**config.as_dict(sim_cfg), "rounds": 4}),
                             os.path.join(workdir, "simulation-federation"), log)
-    download = model_download(sim_cfg)
     summary = summarize(ref, dep, sim, download, args.missed)
     env_after = environment()
     print(tables(summary))
