@@ -174,14 +174,20 @@ def test_a_round_distils_into_what_every_client_replays(tmp_path, inner):
     assert set(views) == {"small_tuned", "proxy", "proxy_distilled"}
 
 
-def test_a_distillation_that_raises_the_kl_is_dropped(tmp_path):
-    cfg = fedpt_config(tmp_path, fedpt_distill_lr=1e-2)  # overshoots on these weights
+def one_upload(cfg):
+    """(model, server, client, client 0's round-1 upload) of a fresh FedPT run."""
     model = prepare_model(cfg, load_causal_lm(TINY, seed=cfg.seed)[0])
     server, client = build_server(cfg, model), build_client(cfg, model)
     dataset = simulation.load_dataset(cfg)
     items = simulation.tokenize_examples(dataset.clients[0].examples, server.tokenizer, cfg.max_length)
     steps = simulation.client_steps(cfg, items, 1, 0, server.tokenizer.pad_token_id)
     upload = client.train(model, steps, server.announce(1), client_id=0, num_samples=len(items)).payload
+    return model, server, client, upload
+
+
+def test_a_distillation_that_raises_the_kl_is_dropped(tmp_path):
+    cfg = fedpt_config(tmp_path, fedpt_distill_lr=1e-2)  # overshoots on these weights
+    model, server, client, upload = one_upload(cfg)
     downlink = server.aggregate(1, [upload])
     assert not server.last_report["kept"] and server.last_report["kl_after"] > server.last_report["kl_before"]
     assert len(wire.decode_global_update(downlink, client.plan, round=1).seeds) == 1
@@ -190,18 +196,13 @@ def test_a_distillation_that_raises_the_kl_is_dropped(tmp_path):
 
 def test_a_failed_distillation_leaves_the_server_at_its_round(tmp_path, monkeypatch):
     cfg = fedpt_config(tmp_path)
-    model = prepare_model(cfg, load_causal_lm(TINY, seed=cfg.seed)[0])
-    server, client = build_server(cfg, model), build_client(cfg, model)
-    dataset = simulation.load_dataset(cfg)
-    items = simulation.tokenize_examples(dataset.clients[0].examples, server.tokenizer, cfg.max_length)
-    steps = simulation.client_steps(cfg, items, 1, 0, server.tokenizer.pad_token_id)
-    upload = client.train(model, steps, server.announce(1), client_id=0, num_samples=len(items)).payload
+    model, server, client, upload = one_upload(cfg)
     monkeypatch.setattr(server, "_distill_ferret", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         server.aggregate(1, [upload])
     assert server.round == 1
     monkeypatch.undo()
-    assert server.aggregate(1, [upload]) and server.round == 2
+    assert server.aggregate(1, [upload]) and server.round == 2 and model is server.model
 
 
 def test_cli_run_records_the_proxy_views_and_the_distillation(tmp_path):
