@@ -21,6 +21,7 @@ rounds; the run's loss guard (``divergence_factor``) stops such a run and names 
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +35,8 @@ from ferret_kernels.wire import DTYPES as WIRE_DTYPES
 
 from .models import DTYPES as MODEL_DTYPES
 
-ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit")
+ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit", "fedpt")
+FEDPT_INNER = ("ferret", "fedavg")
 ATTACKS = ("scaled", "random", "sign_flip")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -110,6 +112,21 @@ class RunConfig:
     # FedIT
     lora_rank: int = setting(8, "FedIT: LoRA rank")
     lora_alpha: int = setting(16, "FedIT: LoRA alpha")
+    # FedPT (algorithms/fedpt.py)
+    large_model: str = setting("", "FedPT: the large model, used only through its logits (same forms as --model); "
+                                   "its tokenizer must be --model's")
+    fedpt_inner: str = setting("ferret", "FedPT: how the clients tune the small model")
+    fedpt_small_layers: int = setting(0, "FedPT: make the small model from --model by keeping its first and last "
+                                         "N/2 decoder layers (0: --model as loaded)")
+    fedpt_alpha: float = setting(1.0, "FedPT: proxy logits = large + alpha * (small_tuned - small_base)")
+    fedpt_distill_steps: int = setting(8, "FedPT: server distillation steps per round, one batch of eval_batch_size "
+                                          "sequences each (0: no distillation)")
+    fedpt_distill_lr: float = setting(1e-5, "FedPT: Adam step of the distillation, on the K coefficients of its "
+                                            "random bases (fedpt_inner=ferret) or on the weights (fedavg)")
+    fedpt_distill_prompts: int = setting(32, "FedPT: training prompts (instruction + input, no response) the server "
+                                             "distils on, drawn with data_seed")
+    fedpt_distill_tokens: int = setting(32, "FedPT: tokens the proxy generates after each prompt, the positions "
+                                            "distilled")
     # evaluation
     eval_every: int = setting(0, "Rouge-L every this many rounds (0: only before the first and after the last)")
     eval_samples: int = setting(64, "held-out examples for Rouge-L and exact match, split equally over every "
@@ -130,12 +147,13 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         for name in ("rounds", "local_steps", "batch_size", "grad_accum", "max_length", "budget", "kseed_candidates",
                      "lora_rank", "eval_samples", "eval_loss_samples", "max_new_tokens", "eval_batch_size",
-                     "num_clients", "min_client_samples"):
+                     "num_clients", "min_client_samples", "fedpt_distill_prompts", "fedpt_distill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not self.clients_per_round > 0:
             raise ValueError(f"clients_per_round must be > 0 (a fraction <= 1 or a count); got {self.clients_per_round}")
-        for name in ("lr", "server_lr", "fedavg_server_lr", "kseed_lr", "kseed_eps", "dirichlet_alpha"):
+        for name in ("lr", "server_lr", "fedavg_server_lr", "kseed_lr", "kseed_eps", "dirichlet_alpha",
+                     "fedpt_distill_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0; got {getattr(self, name)}")
         if not 0 < self.server_lr_decay <= 1:
@@ -159,6 +177,14 @@ class RunConfig:
             raise ValueError(f"byzantine_fraction must be in [0, 1); got {self.byzantine_fraction}")
         if self.byzantine_fraction and self.algorithm != "ferret":
             raise ValueError(f"byzantine_fraction is implemented for algorithm=ferret; got {self.algorithm!r}")
+        for name in ("fedpt_small_layers", "fedpt_distill_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not math.isfinite(self.fedpt_alpha):
+            raise ValueError(f"fedpt_alpha must be finite; got {self.fedpt_alpha}")
+        if self.algorithm == "fedpt" and not self.large_model:
+            raise ValueError("algorithm=fedpt needs large_model (--large-model): the large model proxy-tuned through "
+                             "--model, e.g. --large-model smollm2-135m --model smollm2-135m --fedpt-small-layers 6")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0; got {self.eval_every}")
         for name in ("seed", "data_seed"):
@@ -185,6 +211,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "backend": tuple(BACKENDS),
     "aggregation": tuple(AGGREGATIONS),
     "attack": ATTACKS,
+    "fedpt_inner": FEDPT_INNER,
 }
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -49,6 +49,8 @@ OPTIONAL_KEYS: dict[str, type | tuple[type, ...]] = {
     **QUALITY_KEYS,
     "byzantine": list,  # client ids that attacked this round (attacks.py experiments)
     "refusals": list,  # uploads the server refused: {"client_id", "reason", "detail"}
+    "views": dict,  # other models the server evaluated (FedPT): name -> {"eval_loss", QUALITY_KEYS...}
+    "distillation": dict,  # FedPT: the server's distillation (kl_before, kl_after, kept, tokens, seconds)
 }
 
 

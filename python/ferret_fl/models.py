@@ -73,16 +73,42 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def _gguf_location(name: str) -> tuple[str, dict]:
+    """(folder, from_pretrained kwargs) of the embedded GGUF or a ``.gguf`` path."""
+    path = embedded_gguf() if name == EMBEDDED_DEFAULT else name
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    folder, fname = os.path.split(os.path.abspath(path))
+    return folder, dict(gguf_file=fname, local_files_only=True)
+
+
+def load_tokenizer(name: str = EMBEDDED_DEFAULT):
+    """The tokenizer ``load_causal_lm(name)`` returns, without loading the weights (pad
+    token set to eos where the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    if name in LLAMA_SHAPES:
+        return byte_tokenizer()
+    if name == EMBEDDED_DEFAULT or name.endswith(".gguf"):
+        folder, kwargs = _gguf_location(name)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu", seed: int = 0):
     """(model, tokenizer) for the embedded default, a LLaMA shape with random weights
     (``LLAMA_SHAPES``, initialised from ``seed``), a hub id, a local dir or a GGUF path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _dtype(dtype)
+    tokenizer = load_tokenizer(name)
     if name in LLAMA_SHAPES:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tokenizer = byte_tokenizer()
         config = LlamaConfig(**LLAMA_SHAPES[name], bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         with torch.random.fork_rng():
@@ -91,16 +117,8 @@ def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu", 
                 model = LlamaForCausalLM(config).to(torch_dtype)
         return model, tokenizer
     if name == EMBEDDED_DEFAULT or name.endswith(".gguf"):
-        path = embedded_gguf() if name == EMBEDDED_DEFAULT else name
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        folder, fname = os.path.split(os.path.abspath(path))
-        kwargs = dict(gguf_file=fname, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+        folder, kwargs = _gguf_location(name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer

@@ -81,9 +81,10 @@ def peak_memory_bytes(device: str) -> int:
 EVAL_DIR = "eval"
 
 
-def eval_result_path(run_dir: str, round_index: int) -> str:
-    """Where a run keeps the per-example scores of the generation evaluation after a round."""
-    return os.path.join(run_dir, EVAL_DIR, f"round-{round_index:06d}.json")
+def eval_result_path(run_dir: str, round_index: int, view: str = "") -> str:
+    """Where a run keeps the per-example scores of the generation evaluation after a round
+    (of the server's evaluation ``view`` when named)."""
+    return os.path.join(run_dir, EVAL_DIR, f"round-{round_index:06d}{'-' + view if view else ''}.json")
 
 
 @dataclass
@@ -140,8 +141,8 @@ def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
 
 
 
-def _save_result(run_dir: str, round_index: int, result: evaluation.EvalResult) -> None:
-    path = eval_result_path(run_dir, round_index)
+def _save_result(run_dir: str, round_index: int, result: evaluation.EvalResult, view: str = "") -> None:
+    path = eval_result_path(run_dir, round_index, view)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     result.save(tmp)
@@ -154,12 +155,33 @@ def evaluate_round(cfg: RunConfig, evaluator: Evaluator, model, round_index: int
     evaluation on the rounds it runs (before the first, after the last, every
     ``eval_every``; saved in the run directory)."""
     loss = evaluator.loss(model)
-    if not math.isfinite(loss) or not (round_index in (0, cfg.rounds) or
-                                       (cfg.eval_every > 0 and round_index % cfg.eval_every == 0)):
+    if not math.isfinite(loss) or not generation_round(cfg, round_index):
         return loss, None
     result = evaluator.generate(model, progress)
     _save_result(cfg.output_dir, round_index, result)
     return loss, result
+
+
+def generation_round(cfg: RunConfig, round_index: int) -> bool:
+    """Whether the generation evaluation runs after ``round_index``."""
+    return round_index in (0, cfg.rounds) or (cfg.eval_every > 0 and round_index % cfg.eval_every == 0)
+
+
+def evaluate_views(cfg: RunConfig, evaluator: Evaluator, server, model, round_index: int,
+                   progress: bool = False) -> dict[str, dict]:
+    """Held-out loss, and on generation rounds the generation metrics, of the other models a
+    server role offers for evaluation (``evaluation_views``: FedPT's large model and proxies),
+    by view name; {} for roles that offer none."""
+    views = getattr(server, "evaluation_views", None)
+    out = {}
+    for name, view in (views(model, round_index) if views else {}).items():
+        loss = evaluator.loss(view)
+        result = None
+        if math.isfinite(loss) and generation_round(cfg, round_index):
+            result = evaluator.generate(view, progress)
+            _save_result(cfg.output_dir, round_index, result, name)
+        out[name] = {"eval_loss": loss, **quality(result)}
+    return out
 
 
 class DivergedError(RuntimeError):
@@ -175,6 +197,8 @@ KNOBS = {
     "fedavg": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
     "fedit": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
     "fedkseed": (("kseed_lr", LOWER), ("kseed_eps", LOWER)),
+    "fedpt": (("fedpt_distill_lr", LOWER), ("server_lr", "lower it (fedpt_inner=ferret)"),
+              ("fedavg_server_lr", "lower it (fedpt_inner=fedavg)"), ("lr", LOWER)),
 }
 
 
@@ -236,7 +260,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         else:
             t = time.perf_counter()
             loss, result = evaluate_round(cfg, evaluator, model, 0, progress)
+            views = evaluate_views(cfg, evaluator, server, model, 0, progress)
             row = metrics.initial_row(cfg.algorithm, loss, quality(result), time.perf_counter() - t)
+            if views:
+                row["views"] = views
         rows = [row]
         metrics.write(cfg.output_dir, rows)
         log(f"round 0: {describe(row)}")
@@ -273,6 +300,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         seconds["apply"] = time.perf_counter() - t
         t = time.perf_counter()
         loss, result = evaluate_round(cfg, evaluator, model, r, progress)
+        views = evaluate_views(cfg, evaluator, server, model, r, progress)
         seconds["evaluation"] = time.perf_counter() - t
         row = metrics.round_row(r, cfg.algorithm, clients=clients, train_losses=[m.train_loss for m in messages],
                                 eval_loss=loss, upload_sizes=[len(m.payload) for m in messages],
@@ -280,6 +308,10 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
                                 peak_memory_bytes=peak_memory_bytes(cfg.device), quality=quality(result))
         if byzantine:
             row["byzantine"] = sorted(byzantine)
+        if views:
+            row["views"] = views
+        if getattr(server, "last_report", None):
+            row["distillation"] = server.last_report
         if server.refusals:
             row["refusals"] = [{k: v for k, v in x.items() if k != "round"} for x in server.refusals]
         rows.append(row)

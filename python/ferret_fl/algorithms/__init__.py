@@ -11,6 +11,7 @@ from .base import Announcement, ClientMessage, ClientRole, ServerRole
 from .fedavg import FedAvgClient, FedAvgServer
 from .fedit import FedITClient, FedITServer
 from .fedkseed import FedKSeedClient, FedKSeedServer
+from .fedpt import FedPTClient, FedPTServer
 from .ferret import FerretClient, FerretServer
 
 ROLES: dict[str, tuple[type[ServerRole], type[ClientRole]]] = {
@@ -18,11 +19,12 @@ ROLES: dict[str, tuple[type[ServerRole], type[ClientRole]]] = {
     "fedavg": (FedAvgServer, FedAvgClient),
     "fedkseed": (FedKSeedServer, FedKSeedClient),
     "fedit": (FedITServer, FedITClient),
+    "fedpt": (FedPTServer, FedPTClient),
 }
 
 __all__ = ["ROLES", "Announcement", "ClientMessage", "ClientRole", "FedAvgClient", "FedAvgServer", "FedITClient",
-           "FedITServer", "FedKSeedClient", "FedKSeedServer", "FerretClient", "FerretServer", "ServerRole",
-           "build_client", "build_server", "prepare_model"]
+           "FedITServer", "FedKSeedClient", "FedKSeedServer", "FedPTClient", "FedPTServer", "FerretClient",
+           "FerretServer", "ServerRole", "build_client", "build_server", "prepare_model"]
 
 
 def _roles(cfg) -> tuple[type[ServerRole], type[ClientRole]]:
@@ -33,7 +35,7 @@ def _roles(cfg) -> tuple[type[ServerRole], type[ClientRole]]:
 
 def prepare_model(cfg, model):
     """The model ``cfg.algorithm`` trains, made from the loaded one (FedIT adds LoRA
-    adapters); every peer calls it once on its copy before building a role."""
+    adapters, FedPT may cut layers); every peer calls it once on its copy before building a role."""
     return _roles(cfg)[1].prepare_model(cfg, model)
 
 
