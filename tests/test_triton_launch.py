@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 
 import ferret_kernels as fk  # noqa: E402
 from ferret_kernels import functional, layout  # noqa: E402
-from ferret_kernels.backends.triton import _launch, audit, basis, generate, project, reconstruct  # noqa: E402
+from ferret_kernels.backends.triton import audit, basis, generate, project, reconstruct  # noqa: E402
 
 CPU = torch.device("cpu")
 SEEDS = [0, 1, 2**31 - 1, 2**31, 2**32 + 5, 2**63, 2**64 - 1]
@@ -71,9 +71,9 @@ def test_layout_work_is_cached_per_layout():
     cut = functional._cut(lay, views)
     assert functional._cut(lay, views) is cut
     project.prepare(views, cut, lay, 5, "gaussian")
-    cols = cut.derived[("triton", _launch.SHAPES["gaussian"].tile, "cpu")]
+    cols = cut.derived[("triton", project.SHAPES["gaussian"].tile, "cpu")]
     project.prepare(views, cut, lay, 6, "gaussian")
-    assert cut.derived[("triton", _launch.SHAPES["gaussian"].tile, "cpu")] is cols
+    assert cut.derived[("triton", project.SHAPES["gaussian"].tile, "cpu")] is cols
 
 
 def test_project_rows_and_runs_partition_the_partial_sums():

@@ -37,15 +37,14 @@ from ._launch import (
 from ._rng import gaussian4, hand_over, rademacher_words, signed_by_bit, uint32_key
 from ._tile import bit_tile, call_tile, split4, tile_span
 
-# Bases per work item: each one reuses the loaded x tile; 8 keeps the partial-sum table
-# at 1/128 (gaussian) or 1/512 (rademacher) of the input size while leaving many items
-# to spread over the GPU.
-K_GROUP = 8
-# Project keeps its x tile in registers next to the accumulators; for Rademacher that is
-# 128 more a lane, so its 32 calls go over two warps (two lanes per call) to stay
-# clear of spills on triton 3.6.
-SHAPES = {"gaussian": _launch.SHAPES["gaussian"],
-          "rademacher": _launch.TileShape(_launch.SHAPES["rademacher"].tile, num_warps=2)}
+# Measured on an H100 (triton 3.6, benchmarks/tune_triton.py, benchmarks/RESULTS.md):
+# 16 bases per work item reuse each loaded x tile twice as often as 8 (+3-12%), and a
+# 2048-element tile beats 1024 for gaussian (+9%) and 4096 for Rademacher, whose 16
+# calls then fit one warp with the x tile in registers (+34% over 4096 on two warps).
+# The partial-sum table stays at 1/128 of the input per basis group, as before.
+K_GROUP = 16
+SHAPES = {"gaussian": _launch.TileShape(2048, num_warps=4),
+          "rademacher": _launch.TileShape(2048, num_warps=1)}
 # Rows of partial sums summed per step of the second kernel, and its warps.
 SUM_ROWS = 64
 SUM_WARPS = 4
