@@ -76,7 +76,11 @@ class ClientRound:
         params = self.plan.parameters(self.model)
         device = self.snapshot_device or params[0].device
         with torch.no_grad():
-            self._snapshot = [p.detach().to(device=device, copy=True) for p in params]
+            self._snapshot = [_snapshot_of(p.detach(), device) for p in params]
+            if device.type == "cpu" and any(p.is_cuda for p in params):
+                # the copies were queued on the current stream; training on another
+                # stream must not overwrite a parameter before its copy has left
+                torch.cuda.current_stream().synchronize()
         self._params = params
         self._static_digest = tensors_digest([b.contiguous() for b in self.plan.static_buffers(self.model)])
         self.update = None
@@ -120,7 +124,7 @@ class ClientRound:
             try:
                 if self.restore:
                     for p, s in zip(live, snapshot, strict=True):
-                        torch.sub(s.to(p.device), p, out=p)
+                        torch.sub(s.to(p.device, non_blocking=True), p, out=p)
                     delta = live
                 else:
                     for p, s in zip(live, snapshot, strict=True):
@@ -132,7 +136,10 @@ class ClientRound:
             finally:
                 if self.restore:
                     for p, s in zip(live, snapshot, strict=True):
-                        p.copy_(s)
+                        p.copy_(s, non_blocking=True)
+                    if live and live[0].is_cuda and snapshot[0].device.type == "cpu":
+                        # the pinned snapshot must outlive the copies out of it
+                        torch.cuda.current_stream().synchronize()
                 # free the snapshot (or the delta held in it) before returning
                 snapshot.clear()
         gamma = gamma.cpu() * plan.coefficient_scale(counts)
@@ -151,6 +158,16 @@ class ClientRound:
             self.compress()
         else:
             self.restore_start()
+
+
+def _snapshot_of(p: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``p`` on ``device``; a host copy of a CUDA tensor goes to pinned memory,
+    so that it moves at the link's speed (pageable copies ran at ~1.4 GB/s on an H100
+    host: 4.9 s for open_llama_3b's 6.9 GB) and the copies back can be asynchronous.
+    torch's caching host allocator keeps the pinned blocks for the next round."""
+    if device.type == "cpu" and p.is_cuda:
+        return torch.empty(p.shape, dtype=p.dtype, pin_memory=True).copy_(p, non_blocking=True)
+    return p.to(device=device, copy=True)
 
 
 def _local(check, *args, **kwargs) -> None:
