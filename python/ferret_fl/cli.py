@@ -76,8 +76,8 @@ def cmd_demo(args) -> int:
           f"comparison (`ferret-fl compare`: {len(compare.DEFAULT_SEEDS)} seeds x {len(compare.ALGORITHMS)} "
           f"algorithms, {compare.COMMON['rounds']} rounds of {compare.COMMON['clients_per_round']} clients, "
           f"{compare.COMMON['eval_samples']} examples), so its intervals are wide and it settles nothing.", flush=True)
-    text = compare.compare(args.output_dir, algorithms=args.algorithms, seeds=args.seeds, defaults=compare.DEMO,
-                           progress=not args.no_progress)
+    text = compare.compare(args.output_dir, algorithms=args.algorithms, seeds=args.seeds, sets=args.set,
+                           defaults=compare.DEMO, progress=not args.no_progress)
     print("\n" + text)
     print(f"table: {os.path.join(args.output_dir, 'comparison.md')}\nplot: "
           f"{os.path.join(args.output_dir, 'comparison.png')}")
@@ -137,6 +137,8 @@ def main(argv=None) -> int:
     demo.add_argument("--output-dir", default="runs/demo", help="re-running resumes and skips finished runs")
     demo.add_argument("--algorithms", nargs="+", default=list(DEMO_ALGORITHMS), choices=list(ALGORITHMS))
     demo.add_argument("--seeds", nargs="+", type=int, default=list(DEMO_SEEDS))
+    demo.add_argument("--set", action="append", default=[], metavar="[ALGORITHM.]KEY=VALUE",
+                      help="override a setting, as for compare (e.g. device=cuda)")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(fn=cmd_demo)
     comp = sub.add_parser("compare", help="every algorithm over several training seeds with confidence intervals "

@@ -370,6 +370,14 @@ def _curves(methods: dict[str, Method], base: dict, initial: dict) -> dict[str, 
     return {"held-out loss": loss, f"{evaluation.METRIC_LABELS[METRIC]}, %": rouge}
 
 
+def _where(shared: dict) -> str:
+    """The hardware the runs' minutes were measured on, as the settings name it."""
+    device = shared.get("device", "cpu")
+    if device == "cpu":
+        return "the CPU of the machine that ran them"
+    return f"device {device} of the machine that ran them"
+
+
 def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates: int = stats.DEFAULT_REPLICATES,
            markdown_name: str = "comparison") -> str:
     """Write ``<markdown_name>.md``, ``.png`` and ``.json`` in ``output_dir`` from the runs there
@@ -458,7 +466,7 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
           f"training seeds and held-out examples [{level} CI: crossed bootstrap over seeds and tasks, widened to a "
           "t-interval; `ferret_fl/stats.py`]; Δ pairs each seed and example with FedAvg's. Held-out loss: "
           f"{shared.get('eval_loss_samples', '?')} held-out examples [{level} t-interval over seeds]. Bytes and "
-          "minutes are measured (minutes: the sum of every phase of every round on a shared 2-core CPU).", "",
+          f"minutes are measured (minutes: the sum of every phase of every round, on {_where(shared)}).", "",
           *lines, ""]
     if ratio_lines:
         md += [f"Gain over the no-training model as a fraction of FedAvg's gain, (method − no training) / "
