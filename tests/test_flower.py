@@ -111,11 +111,17 @@ def _node_weights(tmp_path, cfg, partition):
     return checkpoint.weights(cache.directory(str(tmp_path / "cache"), settings.run_key(cfg), partition))
 
 
-@pytest.mark.parametrize("algorithm", ["ferret", "fedavg", "fedkseed", "fedit"])
+EXTRA = {
+    "fedit": dict(optimizer="adamw", lr=1e-3),
+    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,2.4:0.5"),
+}
+
+
+@pytest.mark.parametrize("algorithm", ["ferret", "fedavg", "fedkseed", "fedit", "fedpipe"])
 def test_flower_run_equals_the_in_process_simulation_bit_for_bit(tmp_path, algorithm):
     """Server and both nodes end on the simulation's weights; every metrics row is the
     simulation's but for the timings; replies arrive in reverse order."""
-    extra = dict(optimizer="adamw", lr=1e-3) if algorithm == "fedit" else {}
+    extra = EXTRA.get(algorithm, {})
     ref = _cfg(tmp_path, "in-process", algorithm=algorithm, rounds=2, **extra)
     rows = simulation.run(ref, **QUIET)
     cfg = _cfg(tmp_path, "flower", algorithm=algorithm, rounds=2, **extra)

@@ -40,7 +40,7 @@ def _round(cfg, server, server_model, node_models, data, r, clients=(0, 1)):
     uploads = []
     for c in clients:
         node = build_client(cfg, node_models[c])
-        steps = simulation.client_steps(cfg, items[c], r, c, tok.pad_token_id)
+        steps = simulation.client_steps(cfg, items[c], r, c, tok.pad_token_id, node)
         msg = node.train(node_models[c], steps, announcement, client_id=c,
                          num_samples=len(simulation.usable_examples(items[c])))
         assert isinstance(msg.payload, bytes)
@@ -64,6 +64,8 @@ SETUPS = {
     "fedavg": dict(algorithm="fedavg", fedavg_server_lr=0.7),
     "fedkseed": dict(algorithm="fedkseed"),
     "fedit": dict(algorithm="fedit", optimizer="adamw", lr=1e-3),
+    "fedpipe": dict(algorithm="fedpipe", optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05,
+                    fedpipe_profiles="64:1,2.4:0.5"),
 }
 
 

@@ -35,7 +35,7 @@ from ferret_kernels.wire import DTYPES as WIRE_DTYPES
 
 from .models import DTYPES as MODEL_DTYPES
 
-ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit", "fedpt")
+ALGORITHMS = ("ferret", "fedavg", "fedkseed", "fedit", "fedpt", "fedpipe")
 FEDPT_INNER = ("ferret", "fedavg")
 ATTACKS = ("scaled", "random", "sign_flip")
 OPTIMIZERS = ("sgd", "adamw")
@@ -103,15 +103,29 @@ class RunConfig:
                                              "attacks.py)")
     attack: str = setting("scaled", "Ferret: what Byzantine clients send: scaled (x -100), random (noise of 100x the "
                                     "honest norm), sign_flip")
-    # FedAvg and FedIT
-    fedavg_server_lr: float = setting(1.0, "FedAvg / FedIT: server step on the mean client update (1: plain mean)")
+    # FedAvg, FedIT and FedPipe
+    fedavg_server_lr: float = setting(1.0, "FedAvg / FedIT / FedPipe: server step on the mean client update (1: plain "
+                                           "mean)")
     # FedKSeed
     kseed_candidates: int = setting(4096, "FedKSeed: candidate seeds K")
     kseed_eps: float = setting(5e-4, "FedKSeed: perturbation size of the two-point estimate")
     kseed_lr: float = setting(3e-7, "FedKSeed: zeroth-order learning rate")
     # FedIT
-    lora_rank: int = setting(8, "FedIT: LoRA rank")
+    lora_rank: int = setting(8, "FedIT: LoRA rank (FedPipe keeps FedIT's scaling lora_alpha / lora_rank at every rank)")
     lora_alpha: int = setting(16, "FedIT: LoRA alpha")
+    # FedPipe (algorithms/fedpipe.py)
+    fedpipe_profiles: str = setting("2600:1,1400:0.5,900:0.25", "FedPipe: client resource profiles MB:SPEED (training "
+                                    "memory, speed relative to the reference device); client c has entry c mod n")
+    fedpipe_adapter_budget: float = setting(0.0035, "FedPipe: most adapter parameters a client trains, as a fraction "
+                                            "of the model's parameters (FedIT's rank-8 q,v adapters: 0.34 percent of "
+                                            "SmolLM2-135M)")
+    fedpipe_ranks: str = setting("2,4,8,16", "FedPipe: the ranks an adapter may take")
+    fedpipe_targets: str = setting("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                                   "FedPipe: the linear layers (by name suffix) that may get an adapter")
+    fedpipe_precisions: str = setting("none,int8,int4", "FedPipe: the frozen-base precisions a client may use, best "
+                                      "first (none: the model's dtype; int8 / int4: optimum-quanto)")
+    fedpipe_score_batches: int = setting(1, "FedPipe: micro-batches of a client's first steps its importance scores "
+                                         "are measured on")
     # FedPT (algorithms/fedpt.py)
     large_model: str = setting("", "FedPT: the large model, used only through its logits (same forms as --model); "
                                    "its tokenizer must be --model's")
@@ -147,7 +161,8 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         for name in ("rounds", "local_steps", "batch_size", "grad_accum", "max_length", "budget", "kseed_candidates",
                      "lora_rank", "eval_samples", "eval_loss_samples", "max_new_tokens", "eval_batch_size",
-                     "num_clients", "min_client_samples", "fedpt_distill_prompts", "fedpt_distill_tokens"):
+                     "num_clients", "min_client_samples", "fedpt_distill_prompts", "fedpt_distill_tokens",
+                     "fedpipe_score_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not self.clients_per_round > 0:
@@ -180,6 +195,12 @@ class RunConfig:
         for name in ("fedpt_small_layers", "fedpt_distill_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if not 0 < self.fedpipe_adapter_budget < 1:
+            raise ValueError(f"fedpipe_adapter_budget must be a fraction in (0, 1); got {self.fedpipe_adapter_budget}")
+        if self.algorithm == "fedpipe":
+            from .fedpipe.spec import check_settings
+
+            check_settings(self)
         if not math.isfinite(self.fedpt_alpha):
             raise ValueError(f"fedpt_alpha must be finite; got {self.fedpt_alpha}")
         if self.algorithm == "fedpt" and not self.large_model:

@@ -51,23 +51,27 @@ def usable_examples(items: list) -> list:
     return [it for it in items if it.num_target_tokens > 0]
 
 
-def client_steps(cfg: RunConfig, items: list, round_index: int, client: int, pad_id: int) -> list[list[dict]]:
-    """local_steps optimizer steps, each of grad_accum micro-batches of batch_size examples,
-    walking seeded shuffles of the client's data (an epoch boundary starts a new shuffle)."""
+def client_steps(cfg: RunConfig, items: list, round_index: int, client: int, pad_id: int,
+                 role=None) -> list[list[dict]]:
+    """The client's optimizer steps, each a list of micro-batches, walking seeded shuffles of
+    its data (an epoch boundary starts a new shuffle): local_steps x grad_accum x batch_size,
+    or the shape ``role.batch_shape`` fits to the client (a ``ClientRole``; FedPipe's)."""
     usable = usable_examples(items)
     if not usable:
         raise ValueError(f"client {client} has no example with a supervised token at max_length {cfg.max_length}")
+    local_steps, grad_accum, batch_size = (role.batch_shape(client, usable) if role is not None else
+                                           (cfg.local_steps, cfg.grad_accum, cfg.batch_size))
     rng = named_rng(cfg.seed, f"batches/{round_index}/{client}")
     order: list[int] = []
-    needed = cfg.local_steps * cfg.grad_accum * cfg.batch_size
+    needed = local_steps * grad_accum * batch_size
     while len(order) < needed:
         order.extend(int(i) for i in rng.permutation(len(usable)))
     steps, pos = [], 0
-    for _ in range(cfg.local_steps):
+    for _ in range(local_steps):
         micro = []
-        for _ in range(cfg.grad_accum):
-            micro.append(collate([usable[i] for i in order[pos:pos + cfg.batch_size]], pad_id))
-            pos += cfg.batch_size
+        for _ in range(grad_accum):
+            micro.append(collate([usable[i] for i in order[pos:pos + batch_size]], pad_id))
+            pos += batch_size
         steps.append(micro)
     return steps
 
@@ -197,6 +201,7 @@ KNOBS = {
     "fedavg": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
     "fedit": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
     "fedkseed": (("kseed_lr", LOWER), ("kseed_eps", LOWER)),
+    "fedpipe": (("fedavg_server_lr", LOWER), ("lr", LOWER), ("max_grad_norm", "set it to clip local gradients")),
     "fedpt": (("fedpt_distill_lr", LOWER), ("server_lr", "lower it (fedpt_inner=ferret)"),
               ("fedavg_server_lr", "lower it (fedpt_inner=fedavg)"), ("lr", LOWER)),
 }
@@ -280,7 +285,7 @@ def run(cfg: RunConfig, resume: bool = False, progress: bool = True,
         for c in bar:
             if c not in tokenized:
                 tokenized[c] = tokenize_examples(dataset.clients[c].examples, tokenizer, cfg.max_length)
-            steps = client_steps(cfg, tokenized[c], r, c, tokenizer.pad_token_id)
+            steps = client_steps(cfg, tokenized[c], r, c, tokenizer.pad_token_id, client)
             msg = client.train(model, steps, announcement, client_id=c,
                                num_samples=len(usable_examples(tokenized[c])))
             if c in byzantine:

@@ -11,6 +11,7 @@ from .base import Announcement, ClientMessage, ClientRole, ServerRole
 from .fedavg import FedAvgClient, FedAvgServer
 from .fedit import FedITClient, FedITServer
 from .fedkseed import FedKSeedClient, FedKSeedServer
+from .fedpipe import FedPipeClient, FedPipeServer
 from .fedpt import FedPTClient, FedPTServer
 from .ferret import FerretClient, FerretServer
 
@@ -20,10 +21,12 @@ ROLES: dict[str, tuple[type[ServerRole], type[ClientRole]]] = {
     "fedkseed": (FedKSeedServer, FedKSeedClient),
     "fedit": (FedITServer, FedITClient),
     "fedpt": (FedPTServer, FedPTClient),
+    "fedpipe": (FedPipeServer, FedPipeClient),
 }
 
 __all__ = ["ROLES", "Announcement", "ClientMessage", "ClientRole", "FedAvgClient", "FedAvgServer", "FedITClient",
-           "FedITServer", "FedKSeedClient", "FedKSeedServer", "FedPTClient", "FedPTServer", "FerretClient",
+           "FedITServer", "FedKSeedClient", "FedKSeedServer", "FedPipeClient",
+           "FedPipeServer", "FedPTClient", "FedPTServer", "FerretClient",
            "FerretServer", "ServerRole", "build_client", "build_server", "prepare_model"]
 
 

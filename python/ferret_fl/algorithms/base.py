@@ -102,6 +102,12 @@ class ClientRole:
         and nodes) before any role is built; deterministic in ``cfg``."""
         return model
 
+    def batch_shape(self, client_id: int, items: Sequence) -> tuple[int, int, int]:
+        """(optimizer steps, micro-batches per step, examples per micro-batch) client
+        ``client_id`` trains with, given its usable tokenized examples ``items``: the run's
+        (local_steps, grad_accum, batch_size) unless the algorithm fits them to the client."""
+        return self.cfg.local_steps, self.cfg.grad_accum, self.cfg.batch_size
+
     def train(self, model: torch.nn.Module, steps: Sequence[Sequence[dict]], announcement: Announcement, *,
               client_id: int, num_samples: int) -> ClientMessage:
         """Train from the weights ``model`` holds on ``steps`` (optimizer steps of micro-batches),

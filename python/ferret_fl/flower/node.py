@@ -86,7 +86,7 @@ class Node:
             if not 0 <= c < dataset.num_clients:
                 raise ValueError(f"client {c} does not exist: the data has {dataset.num_clients} clients")
             items = tokenize_examples(dataset.clients[c].examples, self.tokenizer, self.cfg.max_length)
-            steps = client_steps(self.cfg, items, r, c, self.tokenizer.pad_token_id)
+            steps = client_steps(self.cfg, items, r, c, self.tokenizer.pad_token_id, self.client)
             msg = self.client.train(self.model, steps, announcement, client_id=c,
                                     num_samples=len(usable_examples(items)))
             if c in byzantine:
