@@ -220,6 +220,7 @@ def test_adapters_train_over_a_quantised_base_and_only_they_change(tiny):
     checked = adapters.check_upload(factors, {n: (m.out_features, m.in_features) for n, m in layers.items()},
                                     RANKS, 10**6, "upload")
     assert set(checked) == set(chosen)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())  # the original is not the copy
 
 
 # ---- heterogeneous-rank aggregation --------------------------------------------------------------

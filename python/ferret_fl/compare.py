@@ -63,6 +63,9 @@ ALGORITHMS: dict[str, dict] = {
     "ferret": dict(scale="paper", server_lr=3.0),
     "fedavg": dict(fedavg_server_lr=1.0),
     "fedit": dict(optimizer="adamw", lr=FEDIT_LR),
+    # FedPipe trains LoRA adapters like FedIT, so it takes FedIT's optimizer and tuned lr;
+    # its profiles, ranks and budget are its defaults (config.py).
+    "fedpipe": dict(optimizer="adamw", lr=FEDIT_LR),
     # FedKSeed's paper settings: 200 zeroth-order steps of one example, lr 3e-7, 4096 candidate
     # seeds, eps 5e-4, clients weighted by their number of examples (its code's default).
     "fedkseed": dict(local_steps=200, batch_size=1, grad_accum=1, kseed_lr=3e-7, kseed_candidates=4096,
@@ -331,6 +334,12 @@ def settings_text(s: dict) -> str:
         return f"{local}; full-parameter mean update, server lr {s['fedavg_server_lr']:g}"
     if algorithm == "fedit":
         return (f"{local}; LoRA r {s['lora_rank']}, alpha {s['lora_alpha']} on q_proj, v_proj; "
+                f"server lr {s['fedavg_server_lr']:g}")
+    if algorithm == "fedpipe":
+        return (f"AdamW lr {s['lr']:g}, {s['local_steps']} steps of examples by client speed; per client: base "
+                f"precision ({s['fedpipe_precisions']}), micro-batch and LoRA budget (<= "
+                f"{100 * s['fedpipe_adapter_budget']:g}% of weights) from its profile ({s['fedpipe_profiles']} MB:speed), "
+                f"layers and ranks ({s['fedpipe_ranks']}) by gradient energy; exact mean of the adapters' products, "
                 f"server lr {s['fedavg_server_lr']:g}")
     if algorithm == "fedkseed":
         note = "" if s["local_steps"] >= 200 else f" (paper: 200; cut to {s['local_steps']} for CPU time)"

@@ -42,16 +42,25 @@ def check_precisions(precisions: Iterable[str]) -> tuple[str, ...]:
 
 
 def quantized_copy(model: torch.nn.Module, precision: str, layer_names: Iterable[str]) -> torch.nn.Module:
-    """A deep copy of ``model`` whose layers ``layer_names`` hold ``precision`` weights
-    (frozen); ``precision="none"`` is a plain copy. The original is not touched."""
-    twin = copy.deepcopy(model)
+    """A copy of ``model`` whose layers ``layer_names`` hold ``precision`` weights (frozen);
+    ``precision="none"`` is a plain deep copy. The original is not touched, and the copy never
+    holds those layers in full precision (each is quantised from the original's weight), so
+    making it costs the quantised size, not a second full-precision model."""
     if precision == "none":
-        return twin
-    from optimum.quanto import freeze, quantize
+        return copy.deepcopy(model)
+    from optimum.quanto.nn import quantize_module
 
-    names = list(layer_names)
-    quantize(twin, weights=_qtype(precision), include=names)
-    freeze(twin)
+    qtype = _qtype(precision)
+    originals = {name: model.get_submodule(name) for name in layer_names}
+    twin = copy.deepcopy(model, {id(layer.weight): None for layer in originals.values()})
+    for name, layer in originals.items():
+        qlayer = quantize_module(layer, weights=qtype)
+        if layer.bias is not None:
+            qlayer.bias = torch.nn.Parameter(layer.bias.detach().clone())  # not shared with the original
+        qlayer.freeze()
+        qlayer.name = name
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent) if parent else twin, child, qlayer)
     return twin
 
 
