@@ -12,9 +12,10 @@ weights, outside the footprint), resets the kernel's peak-RSS mark (``/proc/self
 "5"), then runs one client's training work: the quantised copy, the importance pass on
 one micro-batch, the adapters at the full budget and one AdamW step on a micro-batch of one
 example of ``--tokens`` tokens; the footprint is the peak RSS (VmHWM) minus the RSS before.
-The prediction is the planner's base + activations + adapter state. Measured RSS also holds
-what the prediction leaves out (the logits and the loss's temporaries, allocator slack), so
-the ratio says how conservative the model is. Prints a JSON line per precision and a table.
+The prediction is the planner's base + activations + adapter state; the same work's peak of
+live tensor bytes (torch's profiler, the planner's own measure) is printed next to it, so
+the gap between the two is the model's error and the rest, up to peak RSS, the allocator's.
+Prints a JSON line per precision and a table.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 
 MB = 2**20
 
@@ -62,9 +64,12 @@ def _example(tokenizer, tokens: int) -> dict:
     return {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None], "labels": labels[None]}
 
 
-def measure(precision: str, tokens: int) -> dict:
-    """The footprint of one client's training at ``precision`` (run in a fresh process)."""
+def measure(precision: str, tokens: int, tensors: bool) -> dict:
+    """The footprint of one client's training at ``precision`` (run in a fresh process): peak
+    RSS, or with ``tensors`` the peak of live tensor bytes (the profiler's records inflate
+    RSS, so the two are measured in separate processes)."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from ferret_fl.algorithms import build_client, prepare_model
     from ferret_fl.fedpipe import adapters, importance, quantize
@@ -83,21 +88,27 @@ def measure(precision: str, tokens: int) -> dict:
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    twin = quantize.quantized_copy(model, precision, settings.layers)
-    layers = importance.candidate_layers(twin, settings.targets)
-    energy = importance.gradient_energy(twin, [batch], layers, settings.ranks)
-    widths = {n: sum(s) for n, s in settings.shapes.items()}
-    chosen = importance.select_adapters(energy, widths, settings.ranks, settings.max_params)
-    peft_model = adapters.attach(twin, chosen, settings.scaling, 0.0)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    peft_model(**batch).loss.backward()
-    opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) if tensors else nullcontext() as prof:
+        twin = quantize.quantized_copy(model, precision, settings.layers)
+        layers = importance.candidate_layers(twin, settings.targets)
+        energy = importance.gradient_energy(twin, [batch], layers, settings.ranks)
+        widths = {n: sum(s) for n, s in settings.shapes.items()}
+        chosen = importance.select_adapters(energy, widths, settings.ranks, settings.max_params)
+        peft_model = adapters.attach(twin, chosen, settings.scaling, 0.0)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        peft_model(**batch).loss.backward()
+        opt.step()
     peak = _rss("VmHWM") - before
+    live = tensor_peak = 0
+    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns()) if tensors else ():
+        live += e.nbytes()
+        tensor_peak = max(tensor_peak, live)
     trained = sum(r * widths[n] for n, r in chosen.items())
     predicted = memory.footprint(precision, 1, tokens, trained)
-    return {"precision": precision, "tokens": tokens, "adapter_params": trained, "measured_bytes": peak,
-            "predicted_bytes": predicted}
+    return {"precision": precision, "tokens": tokens, "adapter_params": trained, "measured_bytes": None if tensors else peak,
+            "tensor_peak_bytes": tensor_peak if tensors else None, "predicted_bytes": predicted}
 
 
 def plans() -> list[dict]:
@@ -124,9 +135,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=745, help="tokens of the measured micro-batch")
     parser.add_argument("--precisions", default="none,int8,int4")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the child process: measure this precision
+    parser.add_argument("--tensors", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args.one, args.tokens)))
+        print(json.dumps(measure(args.one, args.tokens, args.tensors)))
         return 0
     rows = plans()
     print("| client | profile MB:speed | longest example (tokens) | precision | micro-batch x accumulation | "
@@ -139,16 +151,21 @@ def main(argv=None) -> int:
     print(f"\nclients by precision: {counts}\n")
     results = []
     for precision in args.precisions.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", precision, "--tokens", str(args.tokens)],
-                             check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        both = []
+        for extra in ([], ["--tensors"]):
+            out = subprocess.run([sys.executable, __file__, "--one", precision, "--tokens", str(args.tokens), *extra],
+                                 check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            both.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        results.append({**both[0], "tensor_peak_bytes": both[1]["tensor_peak_bytes"]})
         print(json.dumps(results[-1]), flush=True)
-    print("\n| base precision | predicted MB (base + activations + adapters) | measured MB | measured / predicted |")
-    print("|---|---|---:|---:|")
+    print("\n| base precision | predicted MB (base + activations + adapters) | measured tensor peak MB | "
+          "measured peak RSS MB | RSS / predicted |")
+    print("|---|---|---:|---:|---:|")
     for r in results:
         p = r["predicted_bytes"]
         print(f"| {r['precision']} | {p['total'] / MB:.0f} ({p['base'] / MB:.0f} + {p['activations'] / MB:.0f} + "
-              f"{p['adapters'] / MB:.0f}) | {r['measured_bytes'] / MB:.0f} | {r['measured_bytes'] / p['total']:.2f} |")
+              f"{p['adapters'] / MB:.0f}) | {r['tensor_peak_bytes'] / MB:.0f} | {r['measured_bytes'] / MB:.0f} | "
+              f"{r['measured_bytes'] / p['total']:.2f} |")
     return 0
 
 

@@ -177,10 +177,9 @@ def test_the_memory_model_measures_the_model_it_is_built_for(tiny):
         twin = quantize.quantized_copy(model, precision, layers)
         for p in twin.parameters():
             p.requires_grad_(False)
-        exclude = set(quantize.storage_sizes(twin))
         with torch.enable_grad():
-            measured = planner._saved_bytes(twin, 200, exclude)  # beyond the probe's lengths
-        assert memory.activations[precision].bytes(200, 1) == pytest.approx(measured, rel=0.02), precision
+            measured = planner.peak_bytes(twin, 200)  # beyond the probe's lengths
+        assert memory.activations[precision].bytes(200, 1) == pytest.approx(measured, rel=0.05), precision
 
 
 # ---- quantised frozen bases ----------------------------------------------------------------------
@@ -317,7 +316,7 @@ def test_a_downlink_with_foreign_or_mismatched_factors_is_refused():
 
 FEDPIPE = dict(model="llama-tiny-shape", data="synthetic", algorithm="fedpipe", optimizer="adamw", lr=1e-2,
                local_steps=2, batch_size=2, grad_accum=1, max_length=512, fedpipe_adapter_budget=0.05,
-               fedpipe_profiles="64:1,3:0.5,2.4:1", fedpipe_ranks="2,4,8")
+               fedpipe_profiles="64:1,4.5:0.5,4.5:1", fedpipe_ranks="2,4,8")
 
 
 def test_one_round_plans_each_client_from_its_profile_and_every_peer_merges_the_same_bits():

@@ -104,7 +104,7 @@ BASELINES = {
     "fedavg": {},
     "fedkseed": {},
     "fedit": {},
-    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,2.4:0.5"),
+    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,8:0.5"),
 }
 
 

@@ -113,7 +113,7 @@ def _node_weights(tmp_path, cfg, partition):
 
 EXTRA = {
     "fedit": dict(optimizer="adamw", lr=1e-3),
-    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,2.4:0.5"),
+    "fedpipe": dict(optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05, fedpipe_profiles="64:1,8:0.5"),
 }
 
 

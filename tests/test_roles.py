@@ -65,7 +65,7 @@ SETUPS = {
     "fedkseed": dict(algorithm="fedkseed"),
     "fedit": dict(algorithm="fedit", optimizer="adamw", lr=1e-3),
     "fedpipe": dict(algorithm="fedpipe", optimizer="adamw", lr=1e-3, fedpipe_adapter_budget=0.05,
-                    fedpipe_profiles="64:1,2.4:0.5"),
+                    fedpipe_profiles="64:1,8:0.5"),
 }
 
 

@@ -114,7 +114,7 @@ class RunConfig:
     lora_rank: int = setting(8, "FedIT: LoRA rank (FedPipe keeps FedIT's scaling lora_alpha / lora_rank at every rank)")
     lora_alpha: int = setting(16, "FedIT: LoRA alpha")
     # FedPipe (algorithms/fedpipe.py)
-    fedpipe_profiles: str = setting("2600:1,1200:0.5,800:0.5,700:0.25",
+    fedpipe_profiles: str = setting("2600:1,1450:0.5,850:0.5,725:0.25",
                                     "FedPipe: client resource profiles MB:SPEED (training memory, speed relative to "
                                     "the reference device); client c has entry c mod n. The default makes SmolLM2-135M "
                                     "clients of the NI subset at max_length 1024 pick every precision "
