@@ -34,7 +34,7 @@ memory it would need.
 
 The footprint counts tensor bytes, what torch allocates, and a profile's MB are tensor
 memory, not the device's RAM. Measured by ``benchmarks/bench_fedpipe.py`` on SmolLM2-135M
-(one client's quantised copy, importance pass and training step), the prediction is 4-8%
+(one client's quantised copy, importance pass and training step), the prediction is 4-7%
 under the peak of live tensor bytes at 128 tokens and 8-19% under at 745; the process's
 peak RSS is higher again, 1.2-2.5x the prediction, by what glibc's allocator keeps after
 quantising and between passes.
