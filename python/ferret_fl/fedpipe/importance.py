@@ -120,7 +120,8 @@ def select_adapters(energy: Mapping[str, np.ndarray], widths: Mapping[str, int],
     if not ranks or min(ranks) < 1 or sorted(set(ranks)) != ranks:
         raise ValueError(f"fedpipe_ranks must be distinct increasing ranks >= 1; got {ranks}")
     unit = math.gcd(*[int(widths[n]) for n in names])
-    capacity = int(budget) // unit
+    # a budget beyond every layer at the top rank buys nothing more
+    capacity = min(int(budget), max(ranks) * sum(int(widths[n]) for n in names)) // unit
     if capacity < min(ranks) * min(widths[n] for n in names) // unit:
         return {}
     best = np.zeros(capacity + 1)
