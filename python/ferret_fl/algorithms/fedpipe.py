@@ -45,11 +45,10 @@ from .base import (
     encode_tensors,
     local_sgd,
     seeded_torch,
+    trainable,
     upload_metadata,
 )
-
-# FedIT's LoRA dropout, so that the two adapter methods differ only where FedPipe differs.
-LORA_DROPOUT = 0.05
+from .fedit import LORA_DROPOUT  # FedIT's, so that the two adapter methods differ only where FedPipe differs
 
 
 class _Settings:
@@ -59,10 +58,11 @@ class _Settings:
         self.targets = parse_list(cfg.fedpipe_targets, "fedpipe_targets")
         self.layers = importance.candidate_layers(model, self.targets)
         self.shapes = {n: (m.out_features, m.in_features) for n, m in self.layers.items()}
+        self.widths = {n: out_f + in_f for n, (out_f, in_f) in self.shapes.items()}  # parameters per rank
         self.ranks = parse_ranks(cfg.fedpipe_ranks)
         self.scaling = cfg.lora_alpha / cfg.lora_rank
         self.max_params = int(cfg.fedpipe_adapter_budget * sum(p.numel() for p in model.parameters()))
-        if self.max_params < self.ranks[0] * min(a + b for a, b in self.shapes.values()):
+        if self.max_params < self.ranks[0] * min(self.widths.values()):
             raise ValueError(f"fedpipe_adapter_budget={cfg.fedpipe_adapter_budget} allows {self.max_params} adapter "
                              "parameters, fewer than the smallest adapter (least rank on the narrowest layer): raise it")
 
@@ -129,19 +129,19 @@ class FedPipeClient(ClientRole):
                 scoring = [mb for step in steps for mb in step][:self.cfg.fedpipe_score_batches]
                 layers = importance.candidate_layers(twin, self.settings.targets)
                 energy = importance.gradient_energy(twin, scoring, layers, self.settings.ranks)
-                widths = {n: sum(s) for n, s in self.settings.shapes.items()}
-                chosen = importance.select_adapters(energy, widths, self.settings.ranks, setup.adapter_budget)
+                chosen = importance.select_adapters(energy, self.settings.widths, self.settings.ranks,
+                                                    setup.adapter_budget)
             device = next(twin.parameters()).device
             with seeded_torch(derived_seed(self.cfg.seed, f"lora-init/{announcement.round}/{client_id}"), device):
                 peft_model = adapters.attach(twin, chosen, self.settings.scaling, LORA_DROPOUT)
-            params = [p for p in peft_model.parameters() if p.requires_grad]
+            params = [p for _, p in trainable(peft_model)]
             with seeded_torch(derived_seed(self.cfg.seed, f"local/{announcement.round}/{client_id}"), device):
                 loss = local_sgd(peft_model, params, steps, optimizer=self.cfg.optimizer, lr=announcement.lr,
                                  max_grad_norm=self.cfg.max_grad_norm)
         with timer("compress"):
             factors = adapters.adapter_factors(peft_model, chosen)
             metadata = {**upload_metadata(self.name, announcement.round, num_samples), **setup.as_metadata(),
-                        "adapter_params": str(sum(r * widths[n] for n, r in chosen.items()))}
+                        "adapter_params": str(sum(r * self.settings.widths[n] for n, r in chosen.items()))}
             payload = encode_tensors(factors, metadata)
         del peft_model, twin
         return ClientMessage(payload, num_samples, loss, timer.seconds)
