@@ -9,9 +9,10 @@ Plans: ``FedPipeClient.setup`` for every client of the shipped NI subset under t
 
 Footprint: one fresh process per precision loads the model (the node's full-precision
 weights, outside the footprint), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``
-"5"), then runs one client's training work: the quantised copy, the importance pass on
-one micro-batch, the adapters at the full budget and one AdamW step on a micro-batch of one
-example of ``--tokens`` tokens; the footprint is the peak RSS (VmHWM) minus the RSS before.
+"5"), then runs ``FedPipeClient.train`` on one step of one micro-batch of one example of
+``--tokens`` tokens: the quantised copy, the importance pass, the adapters at the full
+budget, one AdamW step and the upload's encoding; the footprint is the peak RSS (VmHWM)
+minus the RSS before.
 The prediction is the planner's base + activations + adapter state; the same work's peak of
 live tensor bytes (torch's profiler, the planner's own measure) is printed next to it, so
 the gap between the two is the model's error and the rest, up to peak RSS, the allocator's.
@@ -71,8 +72,9 @@ def measure(precision: str, tokens: int, tensors: bool) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ferret_fl.algorithms import build_client, prepare_model
-    from ferret_fl.fedpipe import adapters, importance, quantize
+    from ferret_fl.algorithms import Announcement, build_client, prepare_model
+    from ferret_fl.algorithms.base import payload_metadata
+    from ferret_fl.fedpipe import planner
     from ferret_fl.models import load_causal_lm
 
     torch.set_num_threads(1)
@@ -82,33 +84,20 @@ def measure(precision: str, tokens: int, tensors: bool) -> dict:
     client = build_client(cfg, model)
     memory = client.memory_model()
     batch = _example(tok, tokens)
-    settings = client.settings
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand the loader's freed heap back, so RSS starts from what is live
     before = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+    # client 0 (2600 MB) and only this precision allowed: the plan takes it at the full budget
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) if tensors else nullcontext() as prof:
-        twin = quantize.quantized_copy(model, precision, settings.layers)
-        layers = importance.candidate_layers(twin, settings.targets)
-        energy = importance.gradient_energy(twin, [batch], layers, settings.ranks)
-        widths = {n: sum(s) for n, s in settings.shapes.items()}
-        chosen = importance.select_adapters(energy, widths, settings.ranks, settings.max_params)
-        peft_model = adapters.attach(twin, chosen, settings.scaling, 0.0)
-        params = [p for p in peft_model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-3)
-        peft_model(**batch).loss.backward()
-        opt.step()
+        msg = client.train(model, [[batch]], Announcement(1, cfg.seed, cfg.lr), client_id=0, num_samples=1)
     peak = _rss("VmHWM") - before
-    live = tensor_peak = 0
-    for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns()) if tensors else ():
-        live += e.nbytes()
-        tensor_peak = max(tensor_peak, live)
-    trained = sum(r * widths[n] for n, r in chosen.items())
+    trained = int(payload_metadata(msg.payload)["adapter_params"])
     predicted = memory.footprint(precision, 1, tokens, trained)
-    return {"precision": precision, "tokens": tokens, "adapter_params": trained, "measured_bytes": None if tensors else peak,
-            "tensor_peak_bytes": tensor_peak if tensors else None, "predicted_bytes": predicted}
+    return {"precision": precision, "tokens": tokens, "adapter_params": trained,
+            "measured_bytes": None if tensors else peak,
+            "tensor_peak_bytes": planner.profiled_peak(prof) if tensors else None, "predicted_bytes": predicted}
 
 
 def plans() -> list[dict]:

@@ -34,10 +34,10 @@ memory it would need.
 
 The footprint counts tensor bytes, what torch allocates, and a profile's MB are tensor
 memory, not the device's RAM. Measured by ``benchmarks/bench_fedpipe.py`` on SmolLM2-135M
-(one client's quantised copy, importance pass and training step), the prediction is 4-7%
-under the peak of live tensor bytes at 128 tokens and 8-19% under at 745; the process's
-peak RSS is higher again, 1.2-2.5x the prediction, by what glibc's allocator keeps after
-quantising and between passes.
+(``FedPipeClient.train`` on one step of one example), the prediction is 10-19% under the
+peak of live tensor bytes at 128 tokens and 26-28% under at 745 (the round holds more at
+once than one probe pass); the process's peak RSS is 1.3-2.1x the prediction, by what
+glibc's allocator keeps after quantising and between passes.
 """
 
 from __future__ import annotations
@@ -131,7 +131,13 @@ def peak_bytes(model: torch.nn.Module, tokens: int) -> int:
         embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         model(inputs_embeds=embeds, labels=ids).loss.backward()
         del embeds
-    kind = torch._C._autograd.DeviceType.CUDA if device.type == "cuda" else torch._C._autograd.DeviceType.CPU
+    return profiled_peak(prof, device.type)
+
+
+def profiled_peak(prof, device_type: str = "cpu") -> int:
+    """Peak of live tensor bytes on ``device_type`` ("cpu" or "cuda") over a
+    ``torch.profiler.profile(profile_memory=True)`` run, above those live when it began."""
+    kind = torch._C._autograd.DeviceType.CUDA if device_type == "cuda" else torch._C._autograd.DeviceType.CPU
     events = sorted((e for e in prof.profiler.kineto_results.events()
                      if e.name() == "[memory]" and e.device_type() == kind), key=lambda e: e.start_ns())
     live = peak = 0
