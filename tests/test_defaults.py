@@ -32,3 +32,12 @@ def test_default_config_does_not_blow_up(tmp_path):
     assert len(losses) == cfg.rounds + 1 and all(math.isfinite(x) for x in losses)
     assert max(losses[1:]) < losses[0], losses
     assert all(b < 1.5 * min(losses[:i + 1]) for i, b in enumerate(losses[1:])), losses
+
+
+def test_only_other_algorithms_own_settings_are_inert():
+    ferret, fedpipe = config.inert_settings("ferret"), config.inert_settings("fedpipe")
+    assert {"fedpipe_profiles", "fedpipe_ranks", "kseed_lr", "fedpt_alpha", "large_model"} <= ferret
+    assert not ferret & {"lr", "budget", "server_lr", "seed", "lora_rank", "fedavg_server_lr"}
+    assert "fedpipe_profiles" not in fedpipe and "kseed_lr" in fedpipe
+    assert "kseed_candidates" not in config.inert_settings("fedkseed")
+    assert not config.inert_settings("fedpt") & {"fedpt_inner", "large_model"}

@@ -213,7 +213,8 @@ def run_all(output_dir: str, configs: dict[tuple[str, int], RunConfig], *, keep_
         state = run_state(cfg)
         if state != "new" and os.path.isfile(os.path.join(d, CONFIG_FILE)):
             _check_same(os.path.join(d, CONFIG_FILE), wanted,
-                        [k for k in wanted if k not in simulation.RESUMABLE_CHANGES], f"run {algorithm} seed {seed}")
+                        [k for k in wanted if k not in simulation.RESUMABLE_CHANGES | config.inert_settings(algorithm)],
+                        f"run {algorithm} seed {seed}")
         if state in ("finished", "diverged"):
             log(f"[{i + 1}/{len(configs)}] {algorithm} seed {seed}: {state}, skipped")
             states[(algorithm, seed)] = state

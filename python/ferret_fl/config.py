@@ -242,6 +242,18 @@ FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
 _TYPES = typing.get_type_hints(RunConfig)
 
 
+# Settings only one algorithm reads, by name prefix. A run of any other algorithm is the same run
+# whatever their values, so the checks that a run or checkpoint was made with the same settings
+# skip them: a new FedPipe default must not invalidate finished Ferret runs.
+_OWNED_PREFIXES = {"fedpipe": ("fedpipe_",), "fedpt": ("fedpt_", "large_model"), "fedkseed": ("kseed_",)}
+
+
+def inert_settings(algorithm: str) -> frozenset[str]:
+    """The settings a run of ``algorithm`` never reads (other algorithms' own settings)."""
+    return frozenset(name for owner, prefixes in _OWNED_PREFIXES.items() if owner != algorithm
+                     for name in FIELDS if name.startswith(prefixes))
+
+
 def field_type(name: str) -> tuple[type, bool]:
     """(base type, whether null is allowed) of setting ``name``."""
     hint = _TYPES[name]

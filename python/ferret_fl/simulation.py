@@ -25,7 +25,7 @@ import torch
 
 from . import attacks, checkpoint, evaluation, metrics
 from .algorithms import build_client, build_server, prepare_model
-from .config import RunConfig, as_dict
+from .config import RunConfig, as_dict, inert_settings
 from .data import FederatedDataset, collate, load_data, named_rng, tokenize_examples
 from .models import load_causal_lm
 
@@ -137,7 +137,8 @@ RESUMABLE_CHANGES = {"rounds", "eval_every", "eval_samples", "eval_loss_samples"
 def _check_resumable(ckpt_dir: str, cfg: RunConfig) -> None:
     """Refuse to resume a checkpoint under settings that would make it a different run."""
     saved = checkpoint.read_state(ckpt_dir).get("config", {})
-    changed = sorted(k for k, v in as_dict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k, v) != v)
+    ignored = RESUMABLE_CHANGES | inert_settings(cfg.algorithm)
+    changed = sorted(k for k, v in as_dict(cfg).items() if k not in ignored and saved.get(k, v) != v)
     if changed:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
         raise ValueError(f"cannot resume {ckpt_dir}: settings differ from the checkpointed run ({detail}); "
