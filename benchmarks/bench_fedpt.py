@@ -1,4 +1,4 @@
-"""FedPT offline: the large base, the small model, the proxy and the distilled proxy, measured.
+"""FedPT offline: the large base, the small model before and after distillation, and the proxy, measured.
 
     python benchmarks/bench_fedpt.py                                   # run the shrunk offline setting, then tabulate
     python benchmarks/bench_fedpt.py --report-only --run-dir runs/fedpt-offline-measured
@@ -8,8 +8,9 @@ and last 3 decoder layers as the small one, Ferret clients, the shipped NI subse
 settings below, which shrink it to finish in about 20 minutes on one CPU thread, then reads
 the run's ``metrics.jsonl`` (every figure is measured by the run: held-out loss each round,
 generation metrics at rounds 0 and last, message bytes, the process's peak RSS) and prints
-one table. Memory: the simulation holds server and clients in one process, so its peak RSS
-is the server's upper bound; the per-role model state is also given, computed from the
+one table (the large base's generation metrics are at round 0, the others at the last round).
+Memory: the simulation holds server and clients in one process, so its peak RSS is the
+server's upper bound; the per-role model state is also given, computed from the
 parameter counts (float32): a client holds the small model, its gradients and Ferret's
 snapshot; the server the large model, the small base, the global small model, the tuned
 copy, the student with its gradients and the replayed copy.
@@ -24,23 +25,26 @@ from ferret_fl import config, metrics, simulation
 SHRINK = dict(rounds=2, clients_per_round=2, local_steps=3, grad_accum=2, max_length=256, fedpt_distill_steps=4,
               fedpt_distill_prompts=8, fedpt_distill_tokens=16, fedpt_distill_lr=3e-5, eval_samples=13,
               eval_loss_samples=13, max_new_tokens=24)
-ROWS = (("large base (SmolLM2-135M, 30 layers)", 0, "large_base"), ("small base (3 + 3 layers)", 0, None),
-        ("small tuned (Ferret, before distillation)", -1, "small_tuned"), ("proxy: large + (tuned - base)", -1, "proxy"),
-        ("small distilled (next round's start)", -1, None), ("proxy after distillation", -1, "proxy_distilled"))
+# (label, view in each row's ``views``; None: the row itself, the small model every peer holds)
+ROWS = (("large base (SmolLM2-135M, 30 layers; never trained)", "large_base"),
+        ("small: round 0 base, then each round's distilled model (the next round's start)", None),
+        ("small tuned (Ferret, before distillation)", "small_tuned"),
+        ("proxy: large + (small - anti-expert base)", "proxy"))
+GENERATION = ("rouge_l_paper", "rouge_l_google", "exact_match")
 
 
 def table(run_dir: str, large_params: int, small_params: int) -> str:
     rows = metrics.read(run_dir)
-    lines = ["| model | held-out loss | Rouge-L (Ferret code) | Rouge-L (rouge-score) | exact match |",
-             "|---|---:|---:|---:|---:|"]
-    for label, index, view in ROWS:
-        row = rows[index]
-        entry = row if view is None else row.get("views", {}).get(view)
-        if entry is None:
-            lines.append(f"| {label} | – (not kept) | | | |")
-            continue
-        q = [f"{entry[m]:.2f}" if m in entry else "–" for m in ("rouge_l_paper", "rouge_l_google", "exact_match")]
-        lines.append(f"| {label} (round {row['round']}) | {entry['eval_loss']:.3f} | " + " | ".join(q) + " |")
+    last = rows[-1]
+    lines = ["| model | " + " | ".join(f"held-out loss, round {r['round']}" for r in rows)
+             + f" | Rouge-L (Ferret code), round {last['round']} | Rouge-L (rouge-score) | exact match |",
+             "|---|" + "---:|" * (len(rows) + 3)]
+    for label, view in ROWS:
+        entries = [r if view is None else r.get("views", {}).get(view) for r in rows]
+        losses = [f"{e['eval_loss']:.3f}" if e else "–" for e in entries]
+        final = entries[-1] if view != "large_base" else entries[0]
+        quality = [f"{final[m]:.2f}" if final and m in final else "–" for m in GENERATION]
+        lines.append(f"| {label} | " + " | ".join(losses + quality) + " |")
     trained = rows[1:]
     up = sum(r["bytes_up_per_client"] for r in trained) / len(trained)
     down = sum(r["bytes_down_per_client"] for r in trained) / len(trained)

@@ -11,6 +11,7 @@ import torch
 
 from ferret_fl import config, simulation
 from ferret_fl.algorithms import build_client, build_server, prepare_model
+from ferret_fl.algorithms.base import trainable
 from ferret_fl.algorithms.fedpt import kept_layers, truncate_layers
 from ferret_fl.models import load_causal_lm, load_tokenizer
 from ferret_fl.proxy import ProxyTunedLM, check_same_tokenizer, module_logits, positions
@@ -171,7 +172,7 @@ def test_a_round_distils_into_what_every_client_replays(tmp_path, inner):
         assert_bitwise(a, b)
     assert server.round == 2
     views = server.evaluation_views(model, 1)
-    assert set(views) == {"small_tuned", "proxy", "proxy_distilled"}
+    assert set(views) == {"small_tuned", "proxy"}
 
 
 def one_upload(cfg):
@@ -222,3 +223,53 @@ def test_cli_run_records_the_proxy_views_and_the_distillation(tmp_path):
     assert {"kl_before", "kl_after", "kept"} <= set(rows[1]["distillation"])
     assert (out / "eval" / "round-000001-proxy.json").is_file()
     json.dumps(rows)
+
+
+@pytest.mark.parametrize("inner", ["ferret", "fedavg"])
+def test_the_proxy_offset_is_the_federated_tuning_alone(tmp_path, inner):
+    """Over rounds, kept distillation or not, the small model minus the anti-expert equals the sum
+    of the federated steps (tuned_r - w_r): the anti-expert absorbs each distillation, so the
+    large-minus-small gap the distillation moved into the small model is not counted again in the
+    next round's proxy."""
+    cfg = fedpt_config(tmp_path, inner, rounds=2)
+    model = prepare_model(cfg, load_causal_lm(TINY, seed=cfg.seed)[0])
+    server, client = build_server(cfg, model), build_client(cfg, model)
+    dataset = simulation.load_dataset(cfg)
+    tok = server.tokenizer
+    federated = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in trainable(model)}
+    for r in (1, 2):
+        start = {n: p.detach().double().clone() for n, p in trainable(model)}
+        uploads = []
+        for c in (0, 1):
+            node = copy.deepcopy(model)
+            items = simulation.tokenize_examples(dataset.clients[c].examples, tok, cfg.max_length)
+            steps = simulation.client_steps(cfg, items, r, c, tok.pad_token_id)
+            uploads.append(client.train(node, steps, server.announce(r), client_id=c, num_samples=len(items)).payload)
+        downlink = server.aggregate(r, uploads)
+        kept = server.last_report["kept"]
+        assert kept or r > 1, server.last_report
+        tuned = dict(server.tuned.named_parameters())
+        for n in federated:
+            federated[n] += tuned[n].detach().double() - start[n]
+        server.apply_(model, downlink, r)
+        base, weights = dict(server.base.named_parameters()), dict(trainable(model))
+        moved = max(float((weights[n] - tuned[n]).detach().abs().max()) for n in federated)
+        assert moved > 1e-4 if kept else moved == 0  # a kept distillation did move the small model
+        for n in federated:
+            offset = weights[n].detach().double() - base[n].double()
+            torch.testing.assert_close(offset, federated[n], atol=2e-6, rtol=0)
+
+    state = server.state_dict()
+    restored = build_server(cfg, prepare_model(cfg, load_causal_lm(TINY, seed=cfg.seed)[0]))
+    restored.load_state_dict({k: v.clone() for k, v in state.items()})
+    assert restored.round == 3
+    for (n, a), (_, b) in zip(server.base.named_parameters(), restored.base.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    name = next(k for k in state if k.startswith("fedpt_base/"))
+    fresh = build_server(cfg, prepare_model(cfg, load_causal_lm(TINY, seed=cfg.seed)[0]))
+    before = [p.clone() for p in fresh.base.parameters()]
+    for bad in ({k: v for k, v in state.items() if k != name}, {**state, name: state[name][..., :1]},
+                {**state, name: torch.full_like(state[name], float("nan"))}):
+        with pytest.raises(ValueError, match="fedpt server state"):
+            fresh.load_state_dict(bad)
+        assert fresh.round == 1 and all(torch.equal(a, b) for a, b in zip(before, fresh.base.parameters(), strict=True))

@@ -11,11 +11,14 @@ One round, with w_r the small model's global weights on every peer:
 
 Design decisions (the paper leaves them to the implementation):
 
-* base, the anti-expert, is the small model as every peer starts it (round 0), fixed for
-  the run, so the offset carries all the federated tuning so far (proxy-tuning's
-  expert minus anti-expert). It also carries what distillation moved into the small
-  model, so distilling strongly for many rounds counts the large-minus-small gap again
-  each round; the ``proxy_distilled`` evaluation view shows how far that went.
+* base, the anti-expert, is the small model as every peer starts it (round 0) moved by
+  every distillation the server kept, and never by a federated step. The offset
+  tuned - base is then exactly the federated tuning so far (proxy-tuning's expert minus
+  anti-expert): with w_{r+1} = w_r + F_r + D_r (federated step, then distillation) and
+  base_{r+1} = base_r + D_r, tuned_r - base_r = F_1 + ... + F_r. An anti-expert fixed at
+  round 0 would also carry what distillation moved into the small model, the
+  large-minus-small gap the large model's own logits already hold, and count it again
+  each round. base is server state (``state_dict`` holds its trainable tensors).
 * The distillation's change travels in the inner algorithm's own downlink, and the
   distillation optimises exactly what that downlink can carry, so what the server
   measures is what every client gets. With Ferret the server optimises K coefficients of
@@ -62,6 +65,8 @@ from .ferret import FerretClient, FerretServer
 INNER = {"ferret": (FerretServer, FerretClient), "fedavg": (FedAvgServer, FedAvgClient)}
 # Adam's moment decay on the distillation parameters: torch's defaults.
 ADAM_BETAS = (0.9, 0.999)
+# Key prefix of the anti-expert's tensors in the server state; no inner server's key starts so.
+BASE_PREFIX = "fedpt_base/"
 
 
 def kept_layers(total: int, keep: int) -> list[int]:
@@ -173,8 +178,9 @@ class DistillationSet:
 
 class FedPTServer(ServerRole):
     """The FedPT server: the inner algorithm's server, the large model (logits only), the
-    fixed small base, and the distillation. ``last_report`` describes the latest round's
-    distillation (KL before and after on the replayed model, whether it was kept)."""
+    anti-expert small base (moved by kept distillations only), and the distillation.
+    ``last_report`` describes the latest round's distillation (KL before and after on the
+    replayed model, whether it was kept)."""
 
     name = "fedpt"
 
@@ -217,17 +223,16 @@ class FedPTServer(ServerRole):
         return self._prompts
 
     def evaluation_views(self, model: torch.nn.Module, round_index: int) -> dict[str, torch.nn.Module]:
-        """The models the run evaluates beside ``model`` (the small model every peer holds):
-        the large base before training; after a round the small model before distillation,
-        the proxy built from it, and the proxy built from the distilled small model."""
+        """The models the run evaluates beside ``model`` (the small model every peer holds,
+        after the round): the large base before training; after a round the small model
+        before distillation and the proxy large + alpha * (model - base). That is the proxy
+        the round distilled: a kept distillation moved model and base alike, so the offset is
+        the federated tuning either way (up to rounding)."""
         if round_index == 0:
             return {"large_base": self.large}
         if self.tuned is None:
             return {}
-        views = {"small_tuned": self.tuned, "proxy": self.proxy(self.tuned)}
-        if self.last_report.get("kept"):
-            views["proxy_distilled"] = self.proxy(model)
-        return views
+        return {"small_tuned": self.tuned, "proxy": self.proxy(model)}
 
     def aggregate(self, round_index: int, uploads: Sequence[bytes], *, client_ids=None, skip_refused=False) -> bytes:
         """The inner algorithm's merge, then the distillation; one downlink of the inner
@@ -266,13 +271,24 @@ class FedPTServer(ServerRole):
         self.inner.apply_(replayed, downlink, round_index)
         kl_after = data.mean_kl(replayed)
         kept = math.isfinite(kl_after) and kl_after < kl_before
-        if not kept:
+        if kept:
+            self._move_base(replayed)
+        else:
             if cfg.fedpt_inner == "ferret":
                 self.inner.last_update = wire.decode_global_update(inner_downlink, self.inner.plan, round=round_index)
             downlink = inner_downlink
         self.last_report = {"kl_before": kl_before, "kl_after": kl_after, "kept": kept, "tokens": data.tokens,
                             "seconds": time.perf_counter() - t0}
         return downlink
+
+    def _move_base(self, replayed: torch.nn.Module) -> None:
+        """base += D, the distillation's change (replayed - tuned), so that the proxy's offset
+        stays the federated tuning alone (module docstring)."""
+        base, tuned = dict(self.base.named_parameters()), dict(self.tuned.named_parameters())
+        shifts = {n: p.detach().float() - tuned[n].detach().float() for n, p in trainable(replayed)}
+        with torch.no_grad():
+            for n, shift in shifts.items():
+                base[n].copy_(base[n].float() + shift)
 
     def _student(self) -> torch.nn.Module:
         """A trainable copy of the tuned small model, with the global model's trainable set."""
@@ -349,7 +365,29 @@ class FedPTServer(ServerRole):
         self.inner.apply_(model, downlink, round_index)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.inner.state_dict()
+        """The inner server's state and the anti-expert's trainable tensors (``BASE_PREFIX``)."""
+        base = dict(self.base.named_parameters())
+        return {**self.inner.state_dict(),
+                **{BASE_PREFIX + n: base[n].detach().clone() for n, _ in trainable(self.model)}}
 
     def load_state_dict(self, state) -> None:
-        self.inner.load_state_dict(state)
+        """Restore ``state_dict`` output; checked first, nothing changes on a bad dict."""
+        if not isinstance(state, dict):
+            raise ValueError(f"fedpt server state must be a dict; got {type(state).__name__}")
+        base = dict(self.base.named_parameters())
+        wanted = {BASE_PREFIX + n for n, _ in trainable(self.model)}
+        given = {k for k in state if k.startswith(BASE_PREFIX)}
+        if given != wanted:
+            raise ValueError(f"fedpt server state must hold the anti-expert's {len(wanted)} trainable tensors "
+                             f"({BASE_PREFIX}<name>); missing {sorted(wanted - given)[:3]}, unexpected "
+                             f"{sorted(given - wanted)[:3]}")
+        for key in sorted(wanted):
+            t, p = state[key], base[key[len(BASE_PREFIX):]]
+            if not isinstance(t, torch.Tensor) or t.shape != p.shape or t.dtype != p.dtype \
+                    or not bool(torch.isfinite(t).all()):
+                raise ValueError(f"fedpt server state[{key!r}] must be a finite {p.dtype} tensor of shape "
+                                 f"{tuple(p.shape)}")
+        self.inner.load_state_dict({k: v for k, v in state.items() if k not in wanted})
+        with torch.no_grad():
+            for key in wanted:
+                base[key[len(BASE_PREFIX):]].copy_(state[key])
