@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from ferret_fl import cli, compare, evaluation, metrics, simulation
+from ferret_fl import cli, compare, evaluation, metrics, simulation, stats
 
 TINY = ["model=llama-tiny-shape", "data=synthetic", "rounds=2", "clients_per_round=2", "local_steps=1",
         "max_length=512", "budget=64", "eval_samples=12", "eval_loss_samples=12", "max_new_tokens=2",
@@ -48,13 +48,16 @@ def test_compare_runs_resumes_skips_and_reports(tmp_path, monkeypatch):
             assert not os.path.exists(os.path.join(d, "checkpoint"))  # removed once finished
 
     for row in ("| echo the input |", "| no training |", "| ferret | 2 of 2 |", "| fedavg | 2 of 2 |",
-                "Rouge-L (Ferret code)", "Rouge-L (rouge-score)", "exact match", "Δ Rouge-L", "**Ferret vs FedAvg:**",
+                "Rouge-L (Ferret code)", "Rouge-L (rouge-score)", "exact match", "Δ Rouge-L",
+                "**Ferret vs FedAvg, Rouge-L (Ferret code):**", "**Ferret vs FedAvg, drop in held-out loss:**",
+                "held-out loss drop",
                 "| ferret | SGD lr 0.0003, 1 steps x 2 examples; K = 64 gaussian bases"):
         assert row in text, row
     with open(os.path.join(out, "comparison.md")) as f:
         assert f.read() == text
     numbers = json.load(open(os.path.join(out, "comparison.json")))
     assert numbers["rows"]["ferret"]["seeds"] == seeds and "ferret" in numbers["gain_ratio"]
+    assert numbers["gain_ratio"]["ferret"]["held_out_loss"]["seeds"] == seeds
 
     # Finished runs are skipped without running anything; changed settings are refused by name.
     monkeypatch.setattr(simulation, "run", lambda *a, **k: pytest.fail("a finished run ran again"))
@@ -121,8 +124,10 @@ def _result(scores: np.ndarray) -> evaluation.EvalResult:
                                  {m: np.asarray(scores, dtype=np.float64) for m in evaluation.METRICS})
 
 
-def _fabricate(out: str, base: np.ndarray, finals: dict[str, list[np.ndarray]], rounds: int = 2) -> None:
-    """A comparison directory whose runs end with the given per-example scores (one array per seed)."""
+def _fabricate(out: str, base: np.ndarray, finals: dict[str, list[np.ndarray]], rounds: int = 2,
+               final_losses: dict[str, list[float]] | None = None) -> None:
+    """A comparison directory whose runs end with the given per-example scores (one array per seed)
+    and held-out losses (default 3.0 - rounds / 10; the no-training model's is 3.0)."""
     cfg = compare.build_configs(out, ["fedavg"], [1], {"rounds": rounds}, {})[("fedavg", 1)]
     folder = os.path.join(out, compare.BASELINES)
     os.makedirs(folder)
@@ -138,7 +143,8 @@ def _fabricate(out: str, base: np.ndarray, finals: dict[str, list[np.ndarray]], 
             rows = [dict(initial, algorithm=algorithm)]
             for r in range(1, rounds + 1):
                 result = _result(scores) if r == rounds else None
-                rows.append(metrics.round_row(r, algorithm, clients=[0], train_losses=[1.0], eval_loss=3.0 - r / 10,
+                loss = final_losses[algorithm][seed - 1] if final_losses and r == rounds else 3.0 - r / 10
+                rows.append(metrics.round_row(r, algorithm, clients=[0], train_losses=[1.0], eval_loss=loss,
                                               upload_sizes=[1000], downlink_size=1000, previous=rows[-1],
                                               seconds={"local": 60.0}, peak_memory_bytes=1,
                                               quality=simulation.quality(result)))
@@ -177,6 +183,25 @@ def test_report_numbers_and_verdict_follow_from_known_scores(tmp_path, ferret_ga
     assert "| ferret | 5 | 5 |" not in text and "| ferret | 5 |" in text  # the gain-ratio row: 5 paired seeds
     assert "| fedavg | 5 |" in text and "min / run" in text and "| 2.0 |" in text  # 2 rounds x 60 s
     assert os.path.getsize(os.path.join(out, "comparison.png")) > 1000
+
+
+@pytest.mark.parametrize("ferret_losses, verdict", [
+    ([1.31, 1.30, 1.29, 1.305, 1.295], "Ferret keeps at least 90% of FedAvg's gain (0.99 ["),
+    ([2.0, 2.1, 1.9, 2.05, 1.95], "Ferret keeps less than 90% of FedAvg's gain (0.58 ["),
+    ([1.3, 2.3, 1.2, 1.9, 1.4], "these runs do not show that Ferret keeps 90% of FedAvg's gain"),
+])
+def test_the_held_out_loss_ratio_is_fielliers_over_seeds(tmp_path, ferret_losses, verdict):
+    base = np.linspace(0, 20, len(TASKS))
+    fedavg_losses = [1.28, 1.30, 1.29, 1.31, 1.27]
+    out = str(tmp_path)
+    _fabricate(out, base, {"ferret": [base + 5] * 5, "fedavg": [base + 6] * 5},
+               final_losses={"ferret": ferret_losses, "fedavg": fedavg_losses})
+    text = compare.report(out, replicates=200)
+    assert f"**Ferret vs FedAvg, drop in held-out loss:** {verdict}" in text
+    expected = stats.seed_ratio(3.0 - np.array(ferret_losses), 3.0 - np.array(fedavg_losses))
+    got = json.load(open(os.path.join(out, "comparison.json")))["gain_ratio"]["ferret"]["held_out_loss"]
+    assert (got["value"], got["low"], got["high"]) == pytest.approx((expected.value, expected.low, expected.high))
+    assert got["seeds"] == [1, 2, 3, 4, 5]
 
 
 def test_report_counts_partial_and_unpaired_seeds(tmp_path):

@@ -13,6 +13,7 @@ from ferret_fl.stats import (
     paired_difference,
     plot_quality,
     seed_band,
+    seed_ratio,
     t_quantile,
 )
 
@@ -128,6 +129,49 @@ def test_gain_ratio_is_unbounded_when_the_reference_gain_is_not_positive():
     ratio = gain_ratio(ferret, no_gain, base, TASKS)
     assert ratio.unbounded and (ratio.low, ratio.high) == (-math.inf, math.inf)
     assert not gain_ratio(ferret, ferret, base, TASKS).unbounded
+
+
+def _paired_t(m, r, ratio):
+    d = m - ratio * r
+    return d.mean() / (d.std(ddof=1) / math.sqrt(d.size))
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_seed_ratio_ends_are_where_the_paired_t_test_stops_rejecting(case):
+    rng = np.random.default_rng(case)
+    reference = rng.normal(1.7, 0.08, 5)
+    method = 0.95 * reference + rng.normal(0, 0.05, 5)
+    e = seed_ratio(method, reference)
+    assert not e.unbounded and e.low < e.value < e.high and e.n_seeds == 5
+    assert e.value == pytest.approx(method.mean() / reference.mean())
+    critical = t_quantile(0.975, 4)
+    for end in (e.low, e.high):
+        assert abs(_paired_t(method, reference, end)) == pytest.approx(critical, rel=1e-9)
+    assert abs(_paired_t(method, reference, (e.low + e.value) / 2)) < critical
+    assert abs(_paired_t(method, reference, e.high + 0.01)) > critical
+
+
+def test_seed_ratio_covers_a_planted_ratio_at_the_nominal_rate():
+    rng = np.random.default_rng(11)
+    hits = 0
+    for _ in range(2000):
+        seed_effect = rng.normal(0, 0.1, 5)
+        reference = 1.7 + seed_effect + rng.normal(0, 0.05, 5)
+        method = 0.9 * 1.7 + seed_effect * 0.9 + rng.normal(0, 0.05, 5)
+        hits += seed_ratio(method, reference).covers(0.9)
+    assert 0.93 < hits / 2000 < 0.97
+
+
+def test_seed_ratio_is_unbounded_without_a_reference_gain_and_refuses_bad_input():
+    rng = np.random.default_rng(5)
+    e = seed_ratio(rng.normal(1.0, 0.1, 5), rng.normal(0.0, 0.5, 5))
+    assert e.unbounded and (e.low, e.high) == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match="same length >= 2"):
+        seed_ratio([1.0, 2.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="same length >= 2"):
+        seed_ratio([1.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        seed_ratio([1.0, math.nan], [1.0, 2.0])
 
 
 def test_seed_band():

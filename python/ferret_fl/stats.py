@@ -276,6 +276,38 @@ def gain_ratio(scores_method, scores_reference, scores_baseline, tasks=None, *, 
     return _bootstrap(ratio, rows, tasks, confidence, replicates, seed, ratio=True)
 
 
+def seed_ratio(gains_method, gains_reference, *, confidence: float = CONFIDENCE) -> Estimate:
+    """mean(gains_method) / mean(gains_reference) over paired seeds, with Fieller's interval.
+
+    gains_method, gains_reference: [S] per-seed gains on one fixed evaluation set (e.g. the drop in
+    held-out loss from the no-training model), seed s paired with seed s. The interval is the set
+    of ratios r for which the paired t-test of mean(gains_method - r * gains_reference) = 0, with
+    S - 1 degrees of freedom, does not reject; it generalises over training seeds only, not over
+    tasks (the evaluation set is fixed). It is unbounded when the reference's mean gain is not
+    distinguishable from zero by the same test (Fieller's case).
+    """
+    m, r = (np.asarray(x, dtype=np.float64) for x in (gains_method, gains_reference))
+    if m.ndim != 1 or m.shape != r.shape or m.size < 2:
+        raise ValueError(f"gains_method and gains_reference must be 1-D with the same length >= 2 (paired seeds); "
+                         f"got shapes {m.shape} and {r.shape}")
+    if not (np.isfinite(m).all() and np.isfinite(r).all()):
+        raise ValueError("gains must be finite")
+    if not 0.5 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0.5, 1); got {confidence}")
+    n = m.size
+    t2 = t_quantile(1 - (1 - confidence) / 2, n - 1) ** 2 / n
+    cov = np.cov(np.stack([m, r]), ddof=1)
+    point = m.mean() / r.mean() if r.mean() != 0 else math.nan
+    # (mean_m - x mean_r)^2 <= t^2 Var(m - x r) / n  <=>  a x^2 - 2 b x + c <= 0
+    a = r.mean() ** 2 - t2 * cov[1, 1]
+    b = m.mean() * r.mean() - t2 * cov[0, 1]
+    c = m.mean() ** 2 - t2 * cov[0, 0]
+    if a <= 0 or not math.isfinite(point):
+        return Estimate(float(point), -math.inf, math.inf, confidence, n, n, "seeds", unbounded=True)
+    half = math.sqrt(max(b * b - a * c, 0.0))
+    return Estimate(float(point), float((b - half) / a), float((b + half) / a), confidence, n, n, "seeds")
+
+
 # ---- plots -----------------------------------------------------------------------------------
 
 
