@@ -353,6 +353,34 @@ def test_one_round_plans_each_client_from_its_profile_and_every_peer_merges_the_
         client.apply_(node_model, downlink, 2)
 
 
+def test_a_node_measures_the_memory_model_once_and_keeps_it_in_its_cache(tmp_path, monkeypatch):
+    cfg = config.load(None, FEDPIPE)
+    model = prepare_model(cfg, load_causal_lm(cfg.model, seed=cfg.seed)[0])
+    first = build_client(cfg, model)
+    first.use_cache(str(tmp_path))
+    measured = first.memory_model()
+    saved = tmp_path / "fedpipe-memory.json"
+    assert saved.is_file()
+
+    measure = planner.build_memory_model
+    monkeypatch.setattr(planner, "build_memory_model", lambda *a, **k: pytest.fail("measured again"))
+    again = build_client(cfg, copy.deepcopy(model))  # a fresh process's role, other weights alike
+    again.use_cache(str(tmp_path))
+    assert again.memory_model() == measured
+
+    # Measured for other settings, or unreadable: measured again (and the file rewritten).
+    monkeypatch.setattr(planner, "build_memory_model", lambda *a, **k: calls.append(1) or measure(*a, **k))
+    for other_cfg, text in ((config.load(None, {**FEDPIPE, "optimizer": "sgd"}), None), (cfg, "{not json")):
+        calls = []
+        if text is not None:
+            saved.write_text(text)
+        other = build_client(other_cfg, model)
+        other.use_cache(str(tmp_path))
+        other.memory_model()
+        assert calls == [1]
+    assert planner.memory_model_from_json(saved.read_text(), "another key") is None
+
+
 def test_fedpipe_settings_are_checked_when_the_config_loads():
     with pytest.raises(ValueError, match="fedpipe_ranks"):
         config.load(None, {**FEDPIPE, "fedpipe_ranks": "8,4"})

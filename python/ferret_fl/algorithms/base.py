@@ -102,6 +102,10 @@ class ClientRole:
         and nodes) before any role is built; deterministic in ``cfg``."""
         return model
 
+    def use_cache(self, directory: str) -> None:
+        """Where the role may keep what it derives from the model alone (not the weights'
+        values) across processes: a Flower node's cache directory. Default: nothing kept."""
+
     def batch_shape(self, client_id: int, items: Sequence) -> tuple[int, int, int]:
         """(optimizer steps, micro-batches per step, examples per micro-batch) client
         ``client_id`` trains with, given its usable tokenized examples ``items``: the run's

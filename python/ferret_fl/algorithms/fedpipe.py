@@ -26,7 +26,10 @@ names NormalFloat; NF4 needs bitsandbytes and a GPU).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +52,8 @@ from .base import (
     upload_metadata,
 )
 from .fedit import LORA_DROPOUT  # FedIT's, so that the two adapter methods differ only where FedPipe differs
+
+MEMORY_FILE = "fedpipe-memory.json"
 
 
 class _Settings:
@@ -97,14 +102,39 @@ class FedPipeClient(ClientRole):
         self.precisions = parse_precisions(cfg.fedpipe_precisions)
         self._model = model
         self._memory: planner.MemoryModel | None = None
+        self._memory_file: str | None = None
         self._setups: dict[int, planner.ClientSetup] = {}
 
+    def use_cache(self, directory: str) -> None:
+        """Keep the memory model in ``directory`` (``MEMORY_FILE``): a Flower deployment starts a
+        process per message, and measuring it again costs seconds each time."""
+        self._memory_file = os.path.join(directory, MEMORY_FILE)
+
+    def _memory_key(self) -> str:
+        """What the memory model depends on: the architecture, the candidate layers, the settings
+        that size it, and the torch build that allocates (not the weights' values)."""
+        shapes = sorted(self.settings.shapes.items())
+        arch = self._model.config.to_json_string(use_diff=False) if hasattr(self._model, "config") else ""
+        return json.dumps([torch.__version__, str(self._model.get_input_embeddings().weight.device),
+                           hashlib.sha256(arch.encode()).hexdigest(), shapes, self.precisions, self.cfg.optimizer,
+                           self.settings.max_params, self.settings.ranks[0]])
+
     def memory_model(self) -> planner.MemoryModel:
-        """The model's memory facts (measured once per process: one probe per precision)."""
+        """The model's memory facts: measured once (one probe per precision) and kept for the
+        process, and in the node's cache when ``use_cache`` named one."""
+        if self._memory is None and self._memory_file and os.path.isfile(self._memory_file):
+            with open(self._memory_file) as f:
+                self._memory = planner.memory_model_from_json(f.read(), self._memory_key())
         if self._memory is None:
             self._memory = planner.build_memory_model(
                 self._model, self.settings.layers, self.precisions, optimizer=self.cfg.optimizer,
                 max_adapter_budget=self.settings.max_params, min_rank=self.settings.ranks[0])
+            if self._memory_file:
+                os.makedirs(os.path.dirname(self._memory_file), exist_ok=True)
+                tmp = f"{self._memory_file}.tmp-{os.getpid()}"
+                with open(tmp, "w") as f:
+                    f.write(planner.memory_model_to_json(self._memory, self._memory_key()))
+                os.replace(tmp, self._memory_file)
         return self._memory
 
     def setup(self, client_id: int, tokens: int) -> planner.ClientSetup:

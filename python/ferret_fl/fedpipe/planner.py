@@ -42,6 +42,7 @@ glibc's allocator keeps after quantising and between passes.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -194,6 +195,27 @@ def build_memory_model(model: torch.nn.Module, layers: Mapping[str, torch.nn.Lin
         del twin
     return MemoryModel(base, acts, 8 + OPTIMIZER_STATE_BYTES[optimizer], int(max_adapter_budget),
                        min_rank * min(m.in_features + m.out_features for m in layers.values()))
+
+
+def memory_model_to_json(memory: MemoryModel, key: str) -> str:
+    """``memory`` as JSON (an explicit format: it may cross processes and nodes), tagged with
+    ``key``, the description of what it was measured for."""
+    return json.dumps({"key": key, **asdict(memory)}, sort_keys=True)
+
+
+def memory_model_from_json(text: str, key: str) -> MemoryModel | None:
+    """The MemoryModel saved by ``memory_model_to_json`` for ``key``; None when ``text`` is not
+    one, or was measured for something else (then it is measured again)."""
+    try:
+        data = json.loads(text)
+        if data.pop("key") != key:
+            return None
+        acts = {p: ActivationProfile(**{k: float(v[k]) for k in ("a", "b", "c")})
+                for p, v in data.pop("activations").items()}
+        ints = {k: int(data[k]) for k in ("adapter_param_bytes", "max_adapter_budget", "min_adapter_cost")}
+        return MemoryModel({str(p): int(v) for p, v in data["base_bytes"].items()}, acts, **ints)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def examples_per_step(speed: float, reference_examples: int) -> int:

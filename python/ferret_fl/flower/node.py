@@ -34,11 +34,16 @@ class Node:
         self.digest = weights_digest(self.model)
         if state is not None and state["digest"] != self.digest:
             self._reset()  # a cache whose weights are not what it says is no cache
-        self.client = build_client(cfg, self.model)
+        self.client = self._client()
+
+    def _client(self):
+        client = build_client(self.cfg, self.model)
+        client.use_cache(self.path)
+        return client
 
     def _reset(self) -> None:
         self.model, self.tokenizer = build_model(self.cfg, self.device)
-        self.client = build_client(self.cfg, self.model)
+        self.client = self._client()
         self.round, self.digest = 0, weights_digest(self.model)
 
     def catch_up(self, target: int, replay_from: int, downlinks: list[bytes], expected: str) -> tuple[str, str, int]:
