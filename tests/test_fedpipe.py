@@ -256,13 +256,41 @@ def test_stacked_merge_is_the_weighted_mean_of_the_dense_updates(dtype, atol):
 
 
 def test_averaging_the_factors_apart_would_not_be_the_mean_update():
-    clients = _clients({"a": (8, 8)}, [{"a": 4}, {"a": 4}], seed=5)
+    clients = _clients({"a": (24, 24)}, [{"a": 4}, {"a": 4}], seed=5)
     (a1, b1), (a2, b2) = clients[0]["a"], clients[1]["a"]
     mean_of_products = 0.5 * (b1 @ a1 + b2 @ a2)
     product_of_means = (0.5 * (b1 + b2)) @ (0.5 * (a1 + a2))
     stacked = adapters.stack(clients, [0.5, 0.5], 1.0, ["a"])
     torch.testing.assert_close(stacked["a.B"] @ stacked["a.A"], mean_of_products)
     assert float((product_of_means - mean_of_products).norm()) > 0.1 * float(mean_of_products.norm())
+
+
+def test_a_layer_many_clients_adapted_travels_dense_and_merges_the_same_mean():
+    shapes = {"a": (24, 40), "c": (16, 16)}
+    rank_sets = [{"a": 8, "c": 2}] * 3 + [{"a": 8}] * 2  # a: R = 40 > 24 * 40 / 64; c: R = 6 < 8
+    clients = _clients(shapes, rank_sets, seed=7)
+    weights, scaling, lr = [0.1, 0.2, 0.3, 0.25, 0.15], 2.0, 0.7
+    down = adapters.stack(clients, weights, scaling, list(shapes))
+    assert set(down) == {"a.dense", "c.A", "c.B"} and down["a.dense"].shape == (24, 40)
+    assert sum(t.numel() for t in down.values()) < sum(a.numel() + b.numel() for c in clients for a, b in c.values())
+    adapters.check_stacked(down, shapes, "downlink")
+    torch.manual_seed(3)
+    layers = {n: torch.nn.Linear(i, o, bias=False) for n, (o, i) in shapes.items()}
+    twins = copy.deepcopy(layers)
+    start = {n: m.weight.detach().double().clone() for n, m in layers.items()}
+    adapters.merge_(layers, down, lr)
+    adapters.merge_(twins, {k: v.clone() for k, v in down.items()}, lr)
+    for name, layer in layers.items():
+        dense = sum(w * scaling * (c[name][1].double() @ c[name][0].double())
+                    for c, w in zip(clients, weights, strict=True) if name in c)
+        torch.testing.assert_close(layer.weight.detach(), (start[name] + lr * dense).float(), atol=1e-6, rtol=0)
+        assert_bitwise(layer.weight, twins[name].weight)
+    for bad, message in (({**down, "a.dense": down["a.dense"][:, :-1]}, "dense update"),
+                         ({**down, "a.dense": down["a.dense"].double()}, "not float32"),
+                         ({**down, "a.dense": torch.full_like(down["a.dense"], float("inf"))}, "not finite"),
+                         ({**down, "c.dense": torch.zeros(16, 16)}, "both stacked factors and a dense update")):
+        with pytest.raises(ValueError, match=message):
+            adapters.check_stacked(bad, shapes, "downlink")
 
 
 def test_merge_is_bit_reproducible():

@@ -10,8 +10,10 @@ itself a product of stacked factors,
 
     [w_1 s B_1 | w_2 s B_2 | ...]  @  [A_1; A_2; ...]      (out x R) @ (R x in), R = sum r_i
 
-so the server sends the stacked factors (as many numbers as the uploads together) and
-every peer merges them into its full-precision weights: exactly FedAvg of the clients'
+so the server sends the stacked factors (as many numbers as the uploads together), or,
+for a layer where R (out + in) > out x in (many clients), that product itself as one dense
+float32 matrix, so no layer's downlink grows past FedAvg's; every peer merges them into
+its full-precision weights: exactly FedAvg of the clients'
 updates, with no rank truncation, no zero-padding and no averaging of A and B apart
 (whose product is not the mean of the products). A client that left a layer out counts
 as a zero update there, as it would under FedAvg. Merging keeps the model a plain model
@@ -21,7 +23,8 @@ clients choose afresh.
 Merging is bit-reproducible on any device: the product is accumulated in float64 one
 rank-1 term at a time in stack order (elementwise multiply, then add: no BLAS reduction
 order, no fused multiply-add), scaled by the server lr, added to the float64 weight and
-rounded once to the weight's dtype.
+rounded once to the weight's dtype. A dense layer's product is accumulated the same way
+on the server and rounded to float32 for the wire; every peer adds those same numbers.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 # Tensor name suffixes of an upload (per adapted layer) and of a downlink (per merged layer).
 UPLOAD_A, UPLOAD_B = ".lora_A", ".lora_B"
-STACK_A, STACK_B = ".A", ".B"
+STACK_A, STACK_B, DENSE = ".A", ".B", ".dense"
 
 
 def attach(model: torch.nn.Module, ranks: Mapping[str, int], scaling: float, dropout: float = 0.0):
@@ -102,40 +105,66 @@ def check_upload(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple
 
 def stack(clients: Sequence[Mapping[str, tuple[torch.Tensor, torch.Tensor]]], weights: Sequence[float],
           scaling: float, order: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Downlink tensors ``<layer>.B`` = [w_i s B_i ...] (out x R) and ``<layer>.A`` = [A_i; ...]
-    (R x in) for every layer of ``order`` some client adapted, clients in the order given."""
+    """Downlink tensors for every layer of ``order`` some client adapted, clients in the order
+    given: ``<layer>.B`` = [w_i s B_i ...] (out x R) and ``<layer>.A`` = [A_i; ...] (R x in),
+    or ``<layer>.dense`` = B @ A (out x in, float32) where that has fewer numbers."""
     out: dict[str, torch.Tensor] = {}
     for name in order:
         pairs = [(w, c[name]) for c, w in zip(clients, weights, strict=True) if name in c]
         if not pairs:
             continue
-        out[name + STACK_B] = torch.cat([b * float(w * scaling) for w, (_, b) in pairs], 1).contiguous()
-        out[name + STACK_A] = torch.cat([a for _, (a, _) in pairs], 0).contiguous()
+        b = torch.cat([b * float(w * scaling) for w, (_, b) in pairs], 1).contiguous()
+        a = torch.cat([a for _, (a, _) in pairs], 0).contiguous()
+        if a.shape[0] * (b.shape[0] + a.shape[1]) > b.shape[0] * a.shape[1]:
+            out[name + DENSE] = product64(b, a).float()
+        else:
+            out[name + STACK_B], out[name + STACK_A] = b, a
+    return out
+
+
+def product64(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """B @ A in float64, one rank-1 term at a time in stack order (the same bits on any device)."""
+    b, a = b.to(torch.float64), a.to(b.device, torch.float64)
+    out = torch.zeros(b.shape[0], a.shape[1], dtype=torch.float64, device=b.device)
+    for k in range(a.shape[0]):
+        out.add_(torch.mul(b[:, k:k + 1], a[k:k + 1, :]))
     return out
 
 
 def merge_(layers: Mapping[str, torch.nn.Linear], stacked: Mapping[str, torch.Tensor], lr: float) -> None:
-    """W <- W + lr * B @ A for every stacked layer, reproducibly (module doc)."""
+    """W <- W + lr * B @ A (or + lr * dense) for every layer of the downlink, reproducibly (module doc)."""
     with torch.no_grad():
         for name, layer in layers.items():
-            if name + STACK_B not in stacked:
-                continue
             w = layer.weight
-            b = stacked[name + STACK_B].to(w.device, torch.float64)
-            a = stacked[name + STACK_A].to(w.device, torch.float64)
-            delta = torch.zeros(w.shape, dtype=torch.float64, device=w.device)
-            for k in range(a.shape[0]):
-                delta.add_(torch.mul(b[:, k:k + 1], a[k:k + 1, :]))
+            if name + DENSE in stacked:
+                delta = stacked[name + DENSE].to(w.device, torch.float64)
+            elif name + STACK_B in stacked:
+                delta = product64(stacked[name + STACK_B].to(w.device), stacked[name + STACK_A].to(w.device))
+            else:
+                continue
             w.copy_(torch.add(w.double(), torch.mul(delta, float(lr))).to(w.dtype))
 
 
 def check_stacked(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, tuple[int, int]], what: str) -> None:
-    """A downlink's stacked factors: known layers, both factors, matching shapes, finite."""
+    """A downlink's layers: known, each either both stacked factors or one dense update,
+    matching shapes, finite."""
+    dense = {k[:-len(DENSE)] for k in tensors if k.endswith(DENSE)}
     names = {k[:-len(STACK_A)] for k in tensors if k.endswith(STACK_A)} | {
         k[:-len(STACK_B)] for k in tensors if k.endswith(STACK_B)}
-    unknown = sorted(names - set(shapes))
-    if unknown or len(tensors) != 2 * len(names):
-        raise ValueError(f"{what} names tensors that are not stacked factors of candidate layers: {unknown or sorted(tensors)}")
+    unknown = sorted((names | dense) - set(shapes))
+    if unknown or len(tensors) != 2 * len(names) + len(dense):
+        raise ValueError(f"{what} names tensors that are not stacked factors or dense updates of candidate layers: "
+                         f"{unknown or sorted(tensors)}")
+    both = sorted(names & dense)
+    if both:
+        raise ValueError(f"{what}: layers {both} have both stacked factors and a dense update")
+    for name in dense:
+        d = tensors[name + DENSE]
+        if d.dtype != torch.float32 or tuple(d.shape) != tuple(shapes[name]):
+            raise ValueError(f"{what}: layer {name}'s dense update is {d.dtype} {tuple(d.shape)}, not float32 "
+                             f"{tuple(shapes[name])}")
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"{what}: layer {name}'s dense update is not finite")
     for name in names:
         a, b = tensors.get(name + STACK_A), tensors.get(name + STACK_B)
         if a is None or b is None:
