@@ -215,3 +215,12 @@ def test_report_counts_partial_and_unpaired_seeds(tmp_path):
     numbers = json.load(open(os.path.join(out, "comparison.json")))
     assert numbers["rows"]["ferret"]["difference_vs_fedavg"]["seeds"] == [1, 2]
     assert numbers["rows"]["ferret"]["difference_vs_fedavg"]["value"] == pytest.approx(-0.5)
+
+
+def test_the_plan_is_the_union_of_every_invocation(tmp_path):
+    out = str(tmp_path)
+    compare.write_plan(out, ["ferret", "fedavg"], [1, 2, 3])
+    compare.write_plan(out, ["fedit"], [4])  # a second process running one more algorithm and seed
+    compare.write_plan(out, ["fedavg"], [5])
+    plan = json.load(open(os.path.join(out, compare.PLAN_FILE)))
+    assert plan == {"algorithms": ["ferret", "fedavg", "fedit"], "seeds": [1, 2, 3, 4, 5]}

@@ -248,8 +248,16 @@ PLAN_FILE = "plan.json"
 
 
 def write_plan(output_dir: str, algorithms: Sequence[str], seeds: Sequence[int]) -> None:
-    """What the comparison was asked to run, so that a partial report can say 'k of n seeds'."""
-    _write_json(os.path.join(output_dir, PLAN_FILE), {"algorithms": list(algorithms), "seeds": list(seeds)})
+    """What the comparison was asked to run, so that a partial report can say 'k of n seeds'.
+
+    The plan is the union of every invocation's: runs split over several invocations (``--algorithms
+    fedit --seeds 4`` beside another process running ``--algorithms ferret``) still count against the
+    whole comparison instead of the last subset. Delete ``plan.json`` to shrink it."""
+    path = os.path.join(output_dir, PLAN_FILE)
+    old = _read_json(path) if os.path.isfile(path) else {"algorithms": [], "seeds": []}
+    union_algorithms = [a for a in ALGORITHMS if a in {*old["algorithms"], *algorithms}]
+    union_seeds = sorted({*old["seeds"], *seeds})
+    _write_json(path, {"algorithms": union_algorithms, "seeds": union_seeds})
 
 
 # ---- reporting -------------------------------------------------------------------------------
