@@ -224,3 +224,8 @@ def test_the_plan_is_the_union_of_every_invocation(tmp_path):
     compare.write_plan(out, ["fedavg"], [5])
     plan = json.load(open(os.path.join(out, compare.PLAN_FILE)))
     assert plan == {"algorithms": ["ferret", "fedavg", "fedit"], "seeds": [1, 2, 3, 4, 5]}
+
+
+def test_minutes_show_their_range_when_runs_differ():
+    assert compare._minutes_text([26.0, 25.0, 27.0]) == "26.0"
+    assert compare._minutes_text([25.0, 29.0, 50.0]) == "34.7 (25–50)"

@@ -362,9 +362,16 @@ def _mean_trained(runs: Sequence[list[dict]], key: str) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _minutes_per_run(runs: Sequence[list[dict]]) -> float:
-    totals = [sum(sum(r["seconds"].values()) for r in rows if r["round"] > 0) / 60 for rows in runs]
-    return float(np.mean(totals)) if totals else math.nan
+def _minutes_per_run(runs: Sequence[list[dict]]) -> list[float]:
+    return [sum(sum(r["seconds"].values()) for r in rows if r["round"] > 0) / 60 for rows in runs]
+
+
+def _minutes_text(minutes: Sequence[float]) -> str:
+    """The mean, and the range when the runs differ by more than a tenth: seeds run on different
+    machines (or beside other jobs) take different times, and a mean alone would hide it."""
+    mean = float(np.mean(minutes))
+    spread = f" ({min(minutes):.0f}–{max(minutes):.0f})" if max(minutes) > 1.1 * min(minutes) else ""
+    return f"{mean:.1f}{spread}"
 
 
 def _curves(methods: dict[str, Method], base: dict, initial: dict) -> dict[str, dict[str, stats.QualityCurve]]:
@@ -457,9 +464,9 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         mean, low, high = (x[0] for x in stats.seed_band(final_loss[:, None], confidence))
         loss = f"{mean:.3f} [{low:.3f}, {high:.3f}]" if len(seeds) > 1 else f"{mean:.3f}"
         row["held_out_loss"] = {"value": float(mean), "low": float(low), "high": float(high)}
-        row["minutes_per_run"] = minutes
+        row["minutes_per_run"] = {"mean": float(np.mean(minutes)), "runs": minutes}
         lines.append(f"| {name} | {count} | " + " | ".join(cells) + f" | {diff} | {loss} | {traffic} | "
-                     f"{minutes:.1f} |")
+                     f"{_minutes_text(minutes)} |")
         out["rows"][name] = row
 
     ratio_lines, verdicts = [], []
@@ -494,7 +501,8 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
           f"training seeds and held-out examples [{level} CI: crossed bootstrap over seeds and tasks, widened to a "
           "t-interval; `ferret_fl/stats.py`]; Δ pairs each seed and example with FedAvg's. Held-out loss: "
           f"{shared.get('eval_loss_samples', '?')} held-out examples [{level} t-interval over seeds]. Bytes and "
-          f"minutes are measured (minutes: the sum of every phase of every round, on {_where(shared)}).", "",
+          f"minutes are measured (minutes: the sum of every phase of every round, on {_where(shared)}; the mean "
+          "over runs, with their range where they differ by more than a tenth).", "",
           *lines, ""]
     if ratio_lines:
         md += [f"Gain over the no-training model as a fraction of FedAvg's gain, (method − no training) / "
