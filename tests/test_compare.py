@@ -125,7 +125,7 @@ def _result(scores: np.ndarray) -> evaluation.EvalResult:
 
 
 def _fabricate(out: str, base: np.ndarray, finals: dict[str, list[np.ndarray]], rounds: int = 2,
-               final_losses: dict[str, list[float]] | None = None) -> None:
+               final_losses: dict[str, list[float]] | None = None, devices: dict[str, str] | None = None) -> None:
     """A comparison directory whose runs end with the given per-example scores (one array per seed)
     and held-out losses (default 3.0 - rounds / 10; the no-training model's is 3.0)."""
     cfg = compare.build_configs(out, ["fedavg"], [1], {"rounds": rounds}, {})[("fedavg", 1)]
@@ -137,7 +137,8 @@ def _fabricate(out: str, base: np.ndarray, finals: dict[str, list[np.ndarray]], 
     compare._write_json(os.path.join(folder, "initial-row.json"), initial)
     for algorithm, per_seed in finals.items():
         for seed, scores in enumerate(per_seed, start=1):
-            c = compare.build_configs(out, [algorithm], [seed], {"rounds": rounds}, {})[(algorithm, seed)]
+            c = compare.build_configs(out, [algorithm], [seed], {"rounds": rounds, "device": (devices or {}).get(
+                algorithm, "cpu")}, {})[(algorithm, seed)]
             os.makedirs(c.output_dir)
             compare._write_json(os.path.join(c.output_dir, compare.CONFIG_FILE), {**vars(c)})
             rows = [dict(initial, algorithm=algorithm)]
@@ -229,3 +230,13 @@ def test_the_plan_is_the_union_of_every_invocation(tmp_path):
 def test_minutes_show_their_range_when_runs_differ():
     assert compare._minutes_text([26.0, 25.0, 27.0]) == "26.0"
     assert compare._minutes_text([25.0, 29.0, 50.0]) == "34.7 (25–50)"
+
+
+def test_a_row_run_on_another_device_says_so(tmp_path):
+    base = np.linspace(0, 20, len(TASKS))
+    out = str(tmp_path)
+    _fabricate(out, base, {"ferret": [base + 1], "fedavg": [base + 2], "fedkseed": [base + 1]},
+               devices={"fedkseed": "cuda"})
+    text = compare.report(out, replicates=200)
+    assert "| 2.0 on cuda |" in text  # fedkseed's minutes: 2 rounds x 60 s, on the GPU
+    assert text.count(" on cuda |") == 1

@@ -465,8 +465,10 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         loss = f"{mean:.3f} [{low:.3f}, {high:.3f}]" if len(seeds) > 1 else f"{mean:.3f}"
         row["held_out_loss"] = {"value": float(mean), "low": float(low), "high": float(high)}
         row["minutes_per_run"] = {"mean": float(np.mean(minutes)), "runs": minutes}
+        # A row run elsewhere (`--algorithms fedkseed --set device=cuda`) says where its minutes come from.
+        where = f" on {m.settings['device']}" if m.settings.get("device") != shared.get("device") else ""
         lines.append(f"| {name} | {count} | " + " | ".join(cells) + f" | {diff} | {loss} | {traffic} | "
-                     f"{_minutes_text(minutes)} |")
+                     f"{_minutes_text(minutes)}{where} |")
         out["rows"][name] = row
 
     ratio_lines, verdicts = [], []
