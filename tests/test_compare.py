@@ -240,3 +240,12 @@ def test_a_row_run_on_another_device_says_so(tmp_path):
     text = compare.report(out, replicates=200)
     assert "| 2.0 on cuda |" in text  # fedkseed's minutes: 2 rounds x 60 s, on the GPU
     assert text.count(" on cuda |") == 1
+
+
+def test_a_moved_comparison_is_read_where_it_now_is(tmp_path):
+    base = np.linspace(0, 20, len(TASKS))
+    made, moved = str(tmp_path / "made"), str(tmp_path / "moved")
+    _fabricate(made, base, {"ferret": [base + 1, base + 2], "fedavg": [base + 2, base + 2]})
+    os.rename(made, moved)  # every run's config.json still names its directory under made/
+    text = compare.report(moved, replicates=200)
+    assert "| ferret | 2 |" in text and "| fedavg | 2 |" in text

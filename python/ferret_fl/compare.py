@@ -297,7 +297,9 @@ def collect(output_dir: str) -> tuple[dict[str, Method], dict[str, evaluation.Ev
             d = os.path.join(root, algorithm, entry)
             if not os.path.isfile(os.path.join(d, CONFIG_FILE)):
                 continue
-            cfg = config.load(None, _read_json(os.path.join(d, CONFIG_FILE)))
+            # The directory it was found in, not the one it was made in: a comparison copied or
+            # moved (benchmarks/compare-ni-subset) is read where it now is.
+            cfg = config.load(None, {**_read_json(os.path.join(d, CONFIG_FILE)), "output_dir": d})
             method = method or Method(algorithm, config.as_dict(cfg), {}, {}, {})
             state = run_state(cfg)
             if state == "diverged":
