@@ -38,7 +38,8 @@ from . import config, evaluation, metrics, simulation, stats
 from .config import RunConfig
 
 # The shared settings of the comparison on the shipped NI subset (26 clients, one per training task;
-# 13 held-out tasks x 16 examples), sized for a 2-core CPU: one Ferret seed takes ~15 min.
+# 13 held-out tasks x 16 examples), sized for a 2-core CPU: one Ferret seed takes 25-50 min at one thread
+# (docs/comparison.md gives each run's; FedKSeed's 200 zeroth-order steps make ~10 CPU hours a seed).
 COMMON = dict(
     model="smollm2-135m", data="ni-subset", data_seed=42,
     # 5 of 26 clients a round (the 5-10); 12 rounds, the paper's Ferret count on NI.
