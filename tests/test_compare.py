@@ -212,6 +212,7 @@ def test_report_counts_partial_and_unpaired_seeds(tmp_path):
     compare.write_plan(out, ["ferret", "fedavg"], [1, 2, 3, 4, 5])
     text = compare.report(out, replicates=200)
     assert "| ferret | 3 of 5 |" in text and "| fedavg | 2 of 5 |" in text
+    assert "| fedit |" not in text  # not planned, so no row
     assert "(2 paired)" in text  # Δ uses the seeds both have
     numbers = json.load(open(os.path.join(out, "comparison.json")))
     assert numbers["rows"]["ferret"]["difference_vs_fedavg"]["seeds"] == [1, 2]
@@ -249,3 +250,14 @@ def test_a_moved_comparison_is_read_where_it_now_is(tmp_path):
     os.rename(made, moved)  # every run's config.json still names its directory under made/
     text = compare.report(moved, replicates=200)
     assert "| ferret | 2 |" in text and "| fedavg | 2 |" in text
+
+
+def test_a_planned_algorithm_without_runs_has_a_row(tmp_path):
+    base = np.linspace(0, 20, len(TASKS))
+    out = str(tmp_path)
+    _fabricate(out, base, {"ferret": [base + 1], "fedavg": [base + 2]})
+    compare.write_plan(out, ["ferret", "fedavg", "fedkseed"], [1, 2])
+    text = compare.report(out, replicates=200)
+    header = next(line for line in text.splitlines() if line.startswith("| row | seeds |"))
+    row = next(line for line in text.splitlines() if line.startswith("| fedkseed |"))
+    assert row.startswith("| fedkseed | 0 of 2 | –") and row.count("|") == header.count("|")

@@ -473,6 +473,9 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         lines.append(f"| {name} | {count} | " + " | ".join(cells) + f" | {diff} | {loss} | {traffic} | "
                      f"{_minutes_text(minutes)}{where} |")
         out["rows"][name] = row
+    for name in [a for a in plan["algorithms"] if a not in methods]:
+        lines.append(f"| {name} | 0 of {len(plan['seeds'])} | " + " | ".join("–" for _ in evaluation.METRICS)
+                     + " | – | – | – | – | – |")
 
     ratio_lines, verdicts = [], []
     for name, m in methods.items():
