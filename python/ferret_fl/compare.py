@@ -377,6 +377,11 @@ def _minutes_text(minutes: Sequence[float]) -> str:
     return f"{mean:.1f}{spread}"
 
 
+def _row_without_results(name: str, count: str, traffic: str = "– | –") -> str:
+    """A table row for an algorithm with no finished run (partial runs may give its traffic)."""
+    return f"| {name} | {count} | " + " | ".join("–" for _ in evaluation.METRICS) + f" | – | – | {traffic} | – |"
+
+
 def _curves(methods: dict[str, Method], base: dict, initial: dict) -> dict[str, dict[str, stats.QualityCurve]]:
     loss, rouge = {}, {}
     for name, m in methods.items():
@@ -447,8 +452,7 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         traffic = f"{_bytes(up)} | {_bytes(down)}" if runs and math.isfinite(up) else "– | –"
         minutes = _minutes_per_run([rows for rows, _ in m.finished.values()])
         if not seeds:
-            lines.append(f"| {name} | {count} | " + " | ".join("–" for _ in evaluation.METRICS)
-                         + f" | – | – | {traffic} | – |")
+            lines.append(_row_without_results(name, count, traffic))
             continue
         row = {"seeds": seeds}
         cells = []
@@ -473,9 +477,8 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
         lines.append(f"| {name} | {count} | " + " | ".join(cells) + f" | {diff} | {loss} | {traffic} | "
                      f"{_minutes_text(minutes)}{where} |")
         out["rows"][name] = row
-    for name in [a for a in plan["algorithms"] if a not in methods]:
-        lines.append(f"| {name} | 0 of {len(plan['seeds'])} | " + " | ".join("–" for _ in evaluation.METRICS)
-                     + " | – | – | – | – | – |")
+    lines += [_row_without_results(name, f"0 of {len(plan['seeds'])}")
+              for name in plan["algorithms"] if name not in methods]
 
     ratio_lines, verdicts = [], []
     for name, m in methods.items():
