@@ -261,3 +261,37 @@ def test_a_planned_algorithm_without_runs_has_a_row(tmp_path):
     header = next(line for line in text.splitlines() if line.startswith("| row | seeds |"))
     row = next(line for line in text.splitlines() if line.startswith("| fedkseed |"))
     assert row.startswith("| fedkseed | 0 of 2 | –") and row.count("|") == header.count("|")
+
+
+def test_cli_readme_splices_the_report_between_its_markers(tmp_path, capsys):
+    base = np.linspace(0, 20, len(TASKS))
+    out = str(tmp_path / "kept")
+    _fabricate(out, base, {"ferret": [base + 1, base + 2], "fedavg": [base + 2, base + 2]})
+    readme = tmp_path / "README.md"
+    start = "<!-- comparison: generated from kept/comparison.md -->"
+    readme.write_text(f"# Results\n\nbefore\n\n{start}\nan old table\n<!-- /comparison -->\n\nafter\n")
+    args = ["compare", "--output-dir", out, "--report-only", "--no-progress", "--readme", str(readme)]
+    assert cli.main(args) == 0
+    assert f"readme: {readme} updated" in capsys.readouterr().out
+    text = readme.read_text()
+    with open(os.path.join(out, "comparison.md")) as f:
+        summary = f.read().split(compare.PER_TASK_HEADING)[0].strip()
+    assert text == (f"# Results\n\nbefore\n\n{start}\n{summary}\n\n"
+                    "![quality against rounds and bytes](kept/comparison.png)\n<!-- /comparison -->\n\nafter\n")
+    assert "an old table" not in text and "| ferret | 2 |" in text
+    assert cli.main(args) == 0
+    assert "already carries this table" in capsys.readouterr().out
+    assert readme.read_text() == text
+
+
+def test_cli_readme_without_its_block_fails_before_running(tmp_path, capsys, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers here\n")
+    monkeypatch.setattr(compare, "compare", lambda *a, **k: pytest.fail("ran the comparison"))
+    out = str(tmp_path / "runs")
+    assert cli.main(["compare", "--output-dir", out, "--readme", str(readme)]) == 2
+    err = capsys.readouterr().err
+    assert "has no block for this comparison" in err and "<!-- comparison: generated from runs/comparison.md -->" in err
+    assert cli.main(["compare", "--output-dir", out, "--readme", str(tmp_path / "missing.md")]) == 2
+    assert "readme: no file" in capsys.readouterr().err
+    assert readme.read_text() == "# no markers here\n"

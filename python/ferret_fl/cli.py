@@ -4,7 +4,7 @@
     ferret-fl run --algorithm fedavg --model smollm2-135m --data synthetic --rounds 3
     ferret-fl run ... --resume                 # continue the run in --output-dir
     ferret-fl demo                             # minutes: Ferret vs FedAvg, SmolLM2-135M on the shipped NI subset
-    ferret-fl compare --output-dir runs/compare  # 4 algorithms x 5 seeds with confidence intervals (hours)
+    ferret-fl compare --output-dir runs/compare  # 5 algorithms x 5 seeds with confidence intervals (hours)
     ferret-fl report runs/a runs/b --plot runs/compare.png
     ferret-fl flower --nodes 2 ...             # the same run on Flower: SuperLink + 2 SuperNodes on 127.0.0.1
     ferret-fl flower ... --print-run-config > run.toml   # for `flwr run` on a real federation
@@ -87,12 +87,17 @@ def cmd_demo(args) -> int:
 def cmd_compare(args) -> int:
     from . import compare
 
+    if args.readme:
+        compare.check_readme(args.output_dir, args.readme)
     text = compare.compare(args.output_dir, algorithms=args.algorithms, seeds=args.seeds, sets=args.set,
                            keep_checkpoints=args.keep_checkpoints, report_only=args.report_only,
                            progress=not args.no_progress)
     print(text)
     print(f"table: {os.path.join(args.output_dir, 'comparison.md')}\nplot: "
           f"{os.path.join(args.output_dir, 'comparison.png')}")
+    if args.readme:
+        changed = compare.splice_readme(args.output_dir, args.readme, text)
+        print(f"readme: {args.readme} {'updated' if changed else 'already carries this table'}")
     return 0
 
 
@@ -153,6 +158,9 @@ def main(argv=None) -> int:
                                                                       "each for SmolLM2-135M)")
     comp.add_argument("--report-only", action="store_true", help="run nothing: the table and plot from the runs "
                                                                  "there")
+    comp.add_argument("--readme", metavar="PATH", help="also put the table and plot into this README, between "
+                                                       "its <!-- comparison: generated from DIR/comparison.md --> "
+                                                       "and <!-- /comparison --> lines")
     comp.add_argument("--no-progress", action="store_true")
     comp.set_defaults(fn=cmd_compare)
     fl = sub.add_parser("flower", help="the run on Flower: a SuperLink and N SuperNodes (or N simulated nodes) on "

@@ -1,8 +1,9 @@
 """``ferret-fl compare``: every algorithm over several training seeds on one fixed benchmark,
 reported with confidence intervals.
 
-    ferret-fl compare --output-dir runs/compare                    # 5 seeds x 4 algorithms, resumable
+    ferret-fl compare --output-dir runs/compare                    # 5 seeds x 5 algorithms, resumable
     ferret-fl compare --output-dir runs/compare --report-only      # the table and plot from what is there
+    ferret-fl compare --output-dir benchmarks/compare-ni-subset --report-only --readme README.md
     ferret-fl compare ... --set fedkseed.local_steps=50 --set eval_every=6
 
 Each (algorithm, seed) is an ordinary run directory, ``runs/<algorithm>/seed-<s>/``, checkpointed
@@ -19,7 +20,11 @@ per-task table), ``comparison.png`` (held-out loss and Rouge-L against rounds an
 CI bands over seeds) and ``comparison.json`` (the same numbers). The statistics are ``stats.py``'s.
 
 Runs go in order of importance, so that a partial comparison answers the main question first:
-Ferret and FedAvg seed by seed, then FedIT, then FedKSeed.
+Ferret and FedAvg seed by seed, then FedIT, FedPipe and FedKSeed.
+
+``--readme`` puts the report (down to the per-task table) and the plot into a README between
+``<!-- comparison: generated from <dir>/comparison.md -->`` and ``<!-- /comparison -->``, where
+``<dir>`` is the output directory relative to the README: the published table is never typed.
 """
 
 from __future__ import annotations
@@ -566,6 +571,60 @@ def gain_verdict(e: stats.Estimate, target: float = GAIN_TARGET, what: str | Non
         return f"{head} Ferret keeps less than {target:.0%} of FedAvg's gain ({ci})."
     return (f"{head} these runs do not show that Ferret keeps {target:.0%} of FedAvg's gain: the interval {ci} "
             f"reaches below {target:g}" + (f" and above {target:g}." if e.high > target else "."))
+
+
+README_END = "<!-- /comparison -->"
+# Where the markdown report stops being the summary a README carries.
+PER_TASK_HEADING = "Per held-out task"
+
+
+def readme_start(output_dir: str, readme: str) -> str:
+    """The marker that opens the README block generated from ``output_dir``'s report."""
+    source = os.path.relpath(os.path.join(output_dir, "comparison.md"), os.path.dirname(os.path.abspath(readme)))
+    return f"<!-- comparison: generated from {source.replace(os.sep, '/')} -->"
+
+
+def readme_block(output_dir: str, readme: str, markdown: str) -> str:
+    """The README block for report ``markdown`` of ``output_dir``: its summary (the report up to the
+    per-task table) and the plot, between the two markers."""
+    plot = os.path.relpath(os.path.join(output_dir, "comparison.png"), os.path.dirname(os.path.abspath(readme)))
+    summary = markdown.split(PER_TASK_HEADING)[0].strip()
+    return (f"{readme_start(output_dir, readme)}\n{summary}\n\n"
+            f"![quality against rounds and bytes]({plot.replace(os.sep, '/')})\n{README_END}")
+
+
+def _readme_span(output_dir: str, readme: str) -> tuple[str, int, int]:
+    """The README's text and the span of the block generated from ``output_dir``."""
+    if not os.path.isfile(readme):
+        raise ValueError(f"readme: no file {readme}: give the path of the README that carries the table")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    start = readme_start(output_dir, readme)
+    begin = text.find(start)
+    end = text.find(README_END, begin) if begin >= 0 else -1
+    if end < 0:
+        raise ValueError(f"readme: {readme} has no block for this comparison: add the two lines {start!r} and "
+                         f"{README_END!r} where its table goes")
+    return text, begin, end + len(README_END)
+
+
+def check_readme(output_dir: str, readme: str) -> None:
+    """Raise ValueError now, before hours of runs, if ``splice_readme`` would."""
+    _readme_span(output_dir, readme)
+
+
+def splice_readme(output_dir: str, readme: str, markdown: str) -> bool:
+    """Replace the README's block generated from ``output_dir`` by the one for ``markdown``;
+    returns whether the file changed. Raises ValueError when the README has no such block."""
+    text, begin, end = _readme_span(output_dir, readme)
+    new = text[:begin] + readme_block(output_dir, readme, markdown) + text[end:]
+    if new == text:
+        return False
+    tmp = readme + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(new)
+    os.replace(tmp, readme)
+    return True
 
 
 def compare(output_dir: str, *, algorithms: Sequence[str] = tuple(ALGORITHMS), seeds: Sequence[int] = DEFAULT_SEEDS,
