@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh round7b  # one round at LLaMA-2 7B's shape
 #   bash benchmarks/gpu_session.sh memory   # 3B rounds with the snapshot on the host; steady compress
 #   DEMO_SITE=dir bash benchmarks/gpu_session.sh demo   # `ferret-fl demo --set device=cuda`
+#   DEMO_SITE=dir SEEDS="1" bash benchmarks/gpu_session.sh kseed   # FedKSeed's comparison rows on the GPU
 # Stages run in the order given: `bash benchmarks/gpu_session.sh check tune`.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -76,6 +77,25 @@ demo)
     timeout 480 $PY -m ferret_fl.cli demo --set device=cuda --output-dir /tmp/demo --no-progress 2>&1 \
         | grep -v Warn | tee "$OUT/demo.log"
     cp /tmp/demo/comparison.md /tmp/demo/comparison.png "$OUT/"
+    ;;
+kseed)
+    # FedKSeed at its paper settings (200 zeroth-order steps a client) is ~10 CPU hours a seed:
+    # its rows of README's comparison run here, resuming the kept comparison. A run must end
+    # inside the call: only finished runs come back ($OUT/fedkseed/seed-N, no checkpoint), to be
+    # copied into benchmarks/compare-ni-subset/runs/fedkseed/; the log has every round's seconds.
+    export PYTHONPATH="${DEMO_SITE:?set DEMO_SITE}:$PYTHONPATH"
+    build
+    rm -rf /tmp/compare && cp -r benchmarks/compare-ni-subset /tmp/compare
+    for seed in ${SEEDS:-1}; do
+        timeout "${KSEED_TIMEOUT:-540}" $PY -m ferret_fl.cli compare --output-dir /tmp/compare --algorithms fedkseed \
+            --seeds "$seed" --set device=cuda --no-progress 2>&1 | grep -v Warn | tee "$OUT/kseed-$seed.log" \
+            | grep -E "^round|finished|diverged"
+        if [ -f "/tmp/compare/runs/fedkseed/seed-$seed/eval/round-000012.json" ]; then
+            mkdir -p "$OUT/fedkseed"
+            cp -r "/tmp/compare/runs/fedkseed/seed-$seed" "$OUT/fedkseed/"
+            rm -rf "$OUT/fedkseed/seed-$seed/checkpoint"
+        fi
+    done
     ;;
 tune)
     environment
