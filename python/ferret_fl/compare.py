@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import config, evaluation, metrics, simulation, stats
+from . import checkpoint, config, evaluation, metrics, simulation, stats
 from .config import RunConfig
 
 # The shared settings of the comparison on the shipped NI subset (26 clients, one per training task;
@@ -85,6 +85,8 @@ SHARED = ("model", "dtype", "device", "data", "data_seed", "num_clients", "diric
 BASELINE_KEYS = tuple(k for k in SHARED if k not in ("rounds", "eval_every", "device"))
 REFERENCE = "fedavg"
 METRIC = "rouge_l_paper"
+# The report's per-task table starts here; what is above it is the summary a README carries.
+PER_TASK_HEADING = "Per held-out task"
 # The claim the issue asks the table to test: Ferret keeps at least this fraction of FedAvg's gain.
 GAIN_TARGET = 0.9
 
@@ -543,7 +545,7 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
             seeds = sorted(m.finished)
             means[f"{name} ({len(seeds)} seeds)"] = evaluation.EvalResult(
                 tasks, (), {metric: m.scores(seeds, metric).mean(0) for metric in evaluation.METRICS})
-        md += ["", f"Per held-out task ({evaluation.METRIC_LABELS[METRIC]}, mean over seeds):", "",
+        md += ["", f"{PER_TASK_HEADING} ({evaluation.METRIC_LABELS[METRIC]}, mean over seeds):", "",
                evaluation.task_table(means, METRIC)]
     text = "\n".join(md) + "\n"
     with open(os.path.join(output_dir, f"{markdown_name}.md"), "w") as f:
@@ -574,23 +576,24 @@ def gain_verdict(e: stats.Estimate, target: float = GAIN_TARGET, what: str | Non
 
 
 README_END = "<!-- /comparison -->"
-# Where the markdown report stops being the summary a README carries.
-PER_TASK_HEADING = "Per held-out task"
+
+
+def _link(output_dir: str, name: str, readme: str) -> str:
+    """``output_dir/name`` as a markdown link from the README's directory."""
+    return os.path.relpath(os.path.join(output_dir, name), os.path.dirname(os.path.abspath(readme))).replace(os.sep, "/")
 
 
 def readme_start(output_dir: str, readme: str) -> str:
     """The marker that opens the README block generated from ``output_dir``'s report."""
-    source = os.path.relpath(os.path.join(output_dir, "comparison.md"), os.path.dirname(os.path.abspath(readme)))
-    return f"<!-- comparison: generated from {source.replace(os.sep, '/')} -->"
+    return f"<!-- comparison: generated from {_link(output_dir, 'comparison.md', readme)} -->"
 
 
 def readme_block(output_dir: str, readme: str, markdown: str) -> str:
     """The README block for report ``markdown`` of ``output_dir``: its summary (the report up to the
     per-task table) and the plot, between the two markers."""
-    plot = os.path.relpath(os.path.join(output_dir, "comparison.png"), os.path.dirname(os.path.abspath(readme)))
     summary = markdown.split(PER_TASK_HEADING)[0].strip()
     return (f"{readme_start(output_dir, readme)}\n{summary}\n\n"
-            f"![quality against rounds and bytes]({plot.replace(os.sep, '/')})\n{README_END}")
+            f"![quality against rounds and bytes]({_link(output_dir, 'comparison.png', readme)})\n{README_END}")
 
 
 def _readme_span(output_dir: str, readme: str) -> tuple[str, int, int]:
@@ -620,10 +623,7 @@ def splice_readme(output_dir: str, readme: str, markdown: str) -> bool:
     new = text[:begin] + readme_block(output_dir, readme, markdown) + text[end:]
     if new == text:
         return False
-    tmp = readme + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(new)
-    os.replace(tmp, readme)
+    checkpoint.write_bytes(readme, new.encode("utf-8"))
     return True
 
 
