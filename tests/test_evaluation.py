@@ -188,3 +188,104 @@ def test_generate_greedy_restores_order_and_respects_the_cap(monkeypatch):
     out = generate_greedy(model, _DigitTokenizer(), examples, max_new_tokens=3, batch_size=2)
     assert out == ["678", "234", "9", "89"]
     assert model.training  # restored
+
+
+# ---- the loss: LM head at scored positions only ---------------------------------------------------
+
+
+def _loss_batch():
+    """Three rows of 17 tokens, right-padded, each scoring a different span (one row's span is empty
+    of scored tokens after the shift: only its first token is labelled)."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 500, (3, 17), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 9:17] = ids[0, 9:17]
+    labels[1, 5:12] = ids[1, 5:12]
+    labels[2, 0] = ids[2, 0]
+    return ids, mask, labels
+
+
+def _reference_loss(model, ids, mask, labels):
+    """float64 (sum, count) of the shifted cross-entropy over every position's logits."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].double()
+    target = labels[:, 1:]
+    scored = target != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return -(logp * scored).sum(), int(scored.sum())
+
+
+def test_response_loss_matches_the_float64_reference_and_transformers():
+    from ferret_fl.models import load_causal_lm, response_loss
+
+    model, _ = load_causal_lm("llama-tiny-shape", seed=2)
+    ids, mask, labels = _loss_batch()
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[1]))
+    with torch.no_grad():
+        mean = response_loss(model, ids, mask, labels)
+        total = response_loss(model, ids, mask, labels, reduction="sum")
+        hf = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ref_sum, count = _reference_loss(model.double(), ids, mask, labels)
+    # the head ran on the 12 positions some row scores (row 0: 8..15, row 1: 4..10), not on all 17
+    assert rows[:2] == [12, 12]
+    assert mean.dtype == torch.float32 and count == 15
+    torch.testing.assert_close(total.double(), ref_sum, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.double(), ref_sum / count, rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean, hf, rtol=1e-6, atol=0)
+
+
+def test_response_loss_gradients_match_transformers_loss():
+    from ferret_fl.models import load_causal_lm, response_loss
+
+    ids, mask, labels = _loss_batch()
+    grads = []
+    for ours in (True, False):
+        model, _ = load_causal_lm("llama-tiny-shape", seed=2)
+        loss = (response_loss(model, ids, mask, labels) if ours
+                else model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+
+
+def test_response_loss_without_logits_to_keep_and_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from ferret_fl.models import _takes_logits_to_keep, load_causal_lm, response_loss
+
+    class FullLogits(torch.nn.Module):
+        """A model whose forward knows nothing of logits_to_keep (as ProxyTunedLM or an older LM)."""
+
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask=None, **_):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask)
+
+    model, _ = load_causal_lm("llama-tiny-shape", seed=2)
+    ids, mask, labels = _loss_batch()
+    with torch.no_grad():
+        want = response_loss(model, ids, mask, labels)
+        assert not _takes_logits_to_keep(FullLogits(model))
+        torch.testing.assert_close(response_loss(FullLogits(model), ids, mask, labels), want, rtol=1e-6, atol=0)
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+        assert _takes_logits_to_keep(peft_model)
+        torch.testing.assert_close(response_loss(peft_model, ids, mask, labels), want, rtol=1e-6, atol=0)
+
+
+def test_response_loss_with_nothing_scored_and_bad_reduction():
+    from ferret_fl.models import load_causal_lm, response_loss
+
+    model, _ = load_causal_lm("llama-tiny-shape", seed=2)
+    ids, mask, _ = _loss_batch()
+    nothing = torch.full_like(ids, -100)
+    with torch.no_grad():
+        assert torch.isnan(response_loss(model, ids, mask, nothing))
+        assert response_loss(model, ids, mask, nothing, reduction="sum") == 0
+        assert torch.isnan(model(input_ids=ids, attention_mask=mask, labels=nothing).loss)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        response_loss(model, ids, mask, nothing, reduction="none")

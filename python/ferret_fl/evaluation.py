@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .data import Example, FederatedDataset, collate_prompts, named_rng, tokenize_prompt
+from .models import response_loss
 
 # The paper's generation budget (greedy decoding, 128 new tokens).
 MAX_NEW_TOKENS = 128
@@ -303,14 +304,9 @@ def mean_loss(model, batches: Iterable[dict]) -> float:
     device = next(model.parameters()).device
     for b in batches:
         labels = b["labels"].to(device)
-        logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device)).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:]
-        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
-        n = int((shift_labels != -100).sum())
-        total += float(loss)
-        tokens += n
+        total += float(response_loss(model, b["input_ids"].to(device), b["attention_mask"].to(device), labels,
+                                     reduction="sum"))
+        tokens += int((labels[:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(tokens, 1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import inspect
 import os
 
 import torch
@@ -122,3 +123,36 @@ def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu", 
     else:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype)
     return model.to(device), tokenizer
+
+
+def _takes_logits_to_keep(model) -> bool:
+    # PEFT's wrapper forwards **kwargs to the model it wraps; its own signature does not list them.
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Shifted next-token cross-entropy of a causal LM over the labelled tokens (label -100: not scored).
+
+    input_ids, attention_mask, labels: int [B, T] on the model's device. Returns a float32 scalar:
+    the mean over scored tokens (``reduction="mean"``, NaN when none is scored, as transformers'
+    ``.loss``) or their sum (``"sum"``). The LM head runs only at positions some row scores
+    (transformers' ``logits_to_keep``; an instruction example scores its response, about a tenth of
+    its tokens on NI), which is the same loss without the head's cost on prompt tokens. A model
+    whose forward does not take ``logits_to_keep`` (or ignores it) gets the full logits.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    target = labels[:, 1:]
+    positions = torch.nonzero((target != -100).any(0)).flatten()
+    kwargs = {"logits_to_keep": positions} if _takes_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    if logits.shape[1] == input_ids.shape[1]:
+        logits = logits[:, positions]
+    logits, target = logits.float(), target[:, positions]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                             ignore_index=-100, reduction=reduction)

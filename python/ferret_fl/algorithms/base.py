@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import OPTIMIZERS, RunConfig
+from ..models import response_loss
 
 UINT64 = 2**64
 
@@ -232,8 +233,8 @@ def seeded_torch(seed: int, device: torch.device | str = "cpu") -> Iterator[None
 
 def micro_batch_loss(model, batch: dict) -> torch.Tensor:
     device = next(model.parameters()).device
-    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                 labels=batch["labels"].to(device)).loss
+    return response_loss(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                         batch["labels"].to(device))
 
 
 def local_sgd(model, params: list[torch.nn.Parameter], steps: Sequence[Sequence[dict]], *, optimizer: str, lr: float,
