@@ -8,7 +8,7 @@
 #   bash benchmarks/gpu_session.sh round7b  # one round at LLaMA-2 7B's shape
 #   bash benchmarks/gpu_session.sh memory   # 3B rounds with the snapshot on the host; steady compress
 #   DEMO_SITE=dir bash benchmarks/gpu_session.sh demo   # `ferret-fl demo --set device=cuda`
-#   DEMO_SITE=dir SEEDS="1" bash benchmarks/gpu_session.sh kseed   # FedKSeed's comparison rows on the GPU
+#   DEMO_SITE=dir bash benchmarks/gpu_session.sh kseed   # FedKSeed's comparison seeds (SEEDS="1 2 3 4 5") side by side
 # Stages run in the order given: `bash benchmarks/gpu_session.sh check tune`.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -80,19 +80,27 @@ demo)
     ;;
 kseed)
     # FedKSeed at its paper settings (200 zeroth-order steps a client) is ~10 CPU hours a seed:
-    # its rows of README's comparison run here, resuming the kept comparison. A run must end
-    # inside the call: only finished runs come back ($OUT/fedkseed/seed-N, no checkpoint), to be
-    # copied into benchmarks/compare-ni-subset/runs/fedkseed/; the log has every round's seconds.
+    # its rows of README's comparison run here, each seed resuming its own copy of the kept
+    # comparison. The seeds run side by side: a zeroth-order step is two forwards of one example,
+    # which leave the GPU mostly waiting on Python, so the 16 cores share the launches. A run must
+    # end inside the call: only finished runs come back ($OUT/fedkseed/seed-N, no checkpoint), to
+    # be copied into benchmarks/compare-ni-subset/runs/fedkseed/; each log has every round's seconds.
     export PYTHONPATH="${DEMO_SITE:?set DEMO_SITE}:$PYTHONPATH"
     build
-    rm -rf /tmp/compare && cp -r benchmarks/compare-ni-subset /tmp/compare
-    for seed in ${SEEDS:-1}; do
-        timeout "${KSEED_TIMEOUT:-540}" $PY -m ferret_fl.cli compare --output-dir /tmp/compare --algorithms fedkseed \
-            --seeds "$seed" --set device=cuda --no-progress 2>&1 | grep -v Warn | tee "$OUT/kseed-$seed.log" \
-            | grep -E "^round|finished|diverged"
-        if [ -f "/tmp/compare/runs/fedkseed/seed-$seed/eval/round-000012.json" ]; then
+    seeds=(${SEEDS:-1 2 3 4 5})
+    for seed in "${seeds[@]}"; do
+        rm -rf "/tmp/compare-$seed" && cp -r benchmarks/compare-ni-subset "/tmp/compare-$seed"
+        OMP_NUM_THREADS=$(( 16 / ${#seeds[@]} > 1 ? 16 / ${#seeds[@]} : 1 )) timeout "${KSEED_TIMEOUT:-540}" \
+            $PY -m ferret_fl.cli compare --output-dir "/tmp/compare-$seed" --algorithms fedkseed --seeds "$seed" \
+            --set device=cuda --no-progress >"$OUT/kseed-$seed.log" 2>&1 &
+    done
+    wait
+    for seed in "${seeds[@]}"; do
+        echo "--- seed $seed"
+        grep -E "^round|finished|diverged|Error" "$OUT/kseed-$seed.log"
+        if [ -f "/tmp/compare-$seed/runs/fedkseed/seed-$seed/eval/round-000012.json" ]; then
             mkdir -p "$OUT/fedkseed"
-            cp -r "/tmp/compare/runs/fedkseed/seed-$seed" "$OUT/fedkseed/"
+            cp -r "/tmp/compare-$seed/runs/fedkseed/seed-$seed" "$OUT/fedkseed/"
             rm -rf "$OUT/fedkseed/seed-$seed/checkpoint"
         fi
     done
