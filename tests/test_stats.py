@@ -8,10 +8,12 @@ import pytest
 
 from ferret_fl.stats import (
     QualityCurve,
+    evaluated_runs,
     gain_ratio,
     mean_ci,
     paired_difference,
     plot_quality,
+    quality_figure,
     seed_band,
     seed_ratio,
     t_quantile,
@@ -200,3 +202,39 @@ def test_plot_quality_writes_a_png(tmp_path):
         plot_quality({"x": {"m": QualityCurve([0, 1], np.zeros((2, 3)), np.zeros(3))}}, str(tmp_path / "bad.png"))
     with pytest.raises(ValueError, match="empty"):
         plot_quality({}, str(tmp_path / "empty.png"))
+
+
+def test_evaluated_runs_cut_at_unevaluated_rounds():
+    assert evaluated_runs([0, 1, 2, 6, 12]) == [[0, 1, 2], [3], [4]]
+    assert evaluated_runs([0, 12]) == [[0], [1]]
+    assert evaluated_runs(list(range(13))) == [list(range(13))]
+    assert evaluated_runs([]) == []
+
+
+def test_quality_figure_draws_no_band_across_rounds_not_evaluated():
+    from matplotlib.collections import PolyCollection
+
+    rng = np.random.default_rng(3)
+    rounds = list(range(13))
+    dense = rng.normal(3, 0.1, (5, 13))
+    ends = np.full((5, 13), np.nan)
+    ends[:, [0, 12]] = rng.normal(15, 1, (5, 2))
+    sent = np.cumsum(np.full(13, 1e6))
+    fig = quality_figure({"loss": {"a": QualityCurve(rounds, dense, sent), "b": QualityCurve(rounds, dense + 1, sent)},
+                          "rouge": {"a": QualityCurve(rounds, ends, sent), "b": QualityCurve(rounds, ends + 1, sent)}})
+    (loss_rounds, loss_bytes), (rouge_rounds, rouge_bytes) = fig.axes[0:2], fig.axes[2:4]
+    for ax in (loss_rounds, loss_bytes):
+        assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2 and not ax.containers
+        assert all(line.get_linestyle() != ":" for line in ax.lines)
+    for ax in (rouge_rounds, rouge_bytes):
+        assert not any(isinstance(c, PolyCollection) for c in ax.collections)
+        assert len(ax.containers) == 4  # an error bar per method and evaluated round
+        assert sum(line.get_linestyle() == ":" for line in ax.lines) == 3  # two connectors and the legend's key
+    # the two methods' bars at one round stand apart on the rounds axis, not on the bytes axis
+    xs = sorted(float(bar.lines[0].get_xdata()[0]) for bar in rouge_rounds.containers)
+    assert xs == pytest.approx([-0.06, 0.06, 11.94, 12.06])
+    mean, low, high = seed_band(ends[:, [0]])
+    bar = rouge_rounds.containers[0]
+    assert float(bar.lines[0].get_ydata()[0]) == pytest.approx(mean[0])
+    segments = bar.lines[2][0].get_segments()
+    assert segments[0][:, 1] == pytest.approx([low[0], high[0]])

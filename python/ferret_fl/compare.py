@@ -17,7 +17,7 @@ After every run the report is rewritten from whatever has finished (each row say
 it rests on): ``comparison.md`` (means with 95% CIs over seeds and held-out tasks, paired CIs of
 the difference to FedAvg, the gain ratio over the no-training model, each row's settings, a
 per-task table), ``comparison.png`` (held-out loss and Rouge-L against rounds and cumulative bytes,
-CI bands over seeds) and ``comparison.json`` (the same numbers). The statistics are ``stats.py``'s.
+CIs over seeds) and ``comparison.json`` (the same numbers). The statistics are ``stats.py``'s.
 
 Runs go in order of importance, so that a partial comparison answers the main question first:
 Ferret and FedAvg seed by seed, then FedIT, FedPipe and FedKSeed.
@@ -554,7 +554,7 @@ def report(output_dir: str, *, confidence: float = stats.CONFIDENCE, replicates:
     panels = {k: v for k, v in _curves(methods, base, initial).items() if v}
     if panels:
         stats.plot_quality(panels, os.path.join(output_dir, f"{markdown_name}.png"),
-                           title=f"mean over training seeds, {level} CI bands over seeds (round 0: the initial model)",
+                           title=f"mean over training seeds, {level} CIs over seeds (round 0: the initial model)",
                            confidence=confidence)
     return text
 

@@ -339,11 +339,27 @@ def seed_band(values, confidence: float = CONFIDENCE) -> tuple[np.ndarray, np.nd
     return mean, mean - half, mean + half
 
 
-def plot_quality(panels: Mapping[str, Mapping[str, QualityCurve]], path: str, title: str = "",
-                 confidence: float = CONFIDENCE) -> str:
-    """A PNG with one row per metric (``panels``: y-axis label -> method -> curve) and two
-    columns: against rounds and against cumulative bytes (log scale). Lines are means over seeds,
-    bands their ``confidence`` Student-t intervals over seeds. Headless (Agg canvas, no pyplot)."""
+# Isolated points of different methods at one round sit this far apart (in rounds) so that their
+# error bars do not cover each other.
+DODGE_ROUNDS = 0.12
+
+
+def evaluated_runs(rounds: Sequence[float]) -> list[list[int]]:
+    """Indices of ``rounds`` (increasing evaluated round numbers) cut into runs of consecutive rounds:
+    [0, 1, 2, 6, 12] -> [[0, 1, 2], [3], [4]]. A curve is drawn as a line with a band only inside a
+    run; between runs nothing was measured."""
+    runs: list[list[int]] = []
+    for i, r in enumerate(rounds):
+        if runs and r - rounds[runs[-1][-1]] == 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def quality_figure(panels: Mapping[str, Mapping[str, QualityCurve]], title: str = "",
+                   confidence: float = CONFIDENCE):
+    """The matplotlib Figure ``plot_quality`` saves (see there)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -353,6 +369,7 @@ def plot_quality(panels: Mapping[str, Mapping[str, QualityCurve]], path: str, ti
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), 2, squeeze=False)
     for row, (ylabel, curves) in enumerate(panels.items()):
+        gaps = False
         for k, (method, curve) in enumerate(curves.items()):
             values = np.asarray(curve.values, dtype=np.float64)
             values = values[None, :] if values.ndim == 1 else values
@@ -363,21 +380,47 @@ def plot_quality(panels: Mapping[str, Mapping[str, QualityCurve]], path: str, ti
                 raise ValueError(f"{method}: rounds, values and cumulative_bytes disagree on the number of rounds")
             evaluated = ~np.isnan(values).any(0)
             mean, low, high = seed_band(values[:, evaluated], confidence)
+            runs = evaluated_runs(rounds[evaluated])
+            gaps = gaps or len(runs) > 1
             colour = f"C{k}"
             label = f"{method} (n={values.shape[0]} seeds)"
-            for col, x in ((0, rounds[evaluated]), (1, np.maximum(sent[evaluated], 1.0))):
+            dodge = (k - (len(curves) - 1) / 2) * DODGE_ROUNDS
+            alone = np.zeros(len(mean), dtype=bool)
+            alone[[run[0] for run in runs if len(run) == 1]] = True
+            for col, x in ((0, rounds[evaluated] + dodge * alone), (1, np.maximum(sent[evaluated], 1.0))):
                 ax = axes[row][col]
-                ax.plot(x, mean, marker="o", markersize=3, color=colour, label=label)
-                ax.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
+                if len(runs) > 1:
+                    ax.plot(x, mean, linestyle=":", linewidth=1, color=colour)
+                for i, run in enumerate(runs):
+                    tag = label if i == 0 else None
+                    if len(run) > 1:
+                        ax.plot(x[run], mean[run], marker="o", markersize=3, color=colour, label=tag)
+                        ax.fill_between(x[run], low[run], high[run], color=colour, alpha=0.2, linewidth=0)
+                    else:
+                        ax.errorbar(x[run], mean[run], yerr=[mean[run] - low[run], high[run] - mean[run]], fmt="o",
+                                    markersize=4, capsize=3, color=colour, label=tag)
         axes[row][0].set_xlabel("round")
         axes[row][1].set_xlabel("cumulative bytes communicated (up + down)")
         axes[row][1].set_xscale("log")
         for ax in axes[row]:
+            if gaps:
+                ax.plot([], [], linestyle=":", linewidth=1, color="grey", label="rounds between: not evaluated")
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(title or f"mean over seeds with {confidence:.0%} CI bands")
     fig.tight_layout()
+    return fig
+
+
+def plot_quality(panels: Mapping[str, Mapping[str, QualityCurve]], path: str, title: str = "",
+                 confidence: float = CONFIDENCE) -> str:
+    """A PNG with one row per metric (``panels``: y-axis label -> method -> curve) and two
+    columns: against rounds and against cumulative bytes (log scale). Means over seeds with their
+    ``confidence`` Student-t intervals over seeds: a line and a band over consecutive evaluated
+    rounds, a point with error bars where a round stands alone, and a dotted line (no band) across
+    rounds that were not evaluated. Headless (Agg canvas, no pyplot)."""
+    fig = quality_figure(panels, title, confidence)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
