@@ -28,19 +28,24 @@ CANDIDATES = {
     ("gaussian", "project"): dict(tile=[512, 1024, 2048], num_warps=[2, 4, 8], k_group=[4, 8, 16]),
     ("gaussian", "generate"): dict(tile=[1024, 2048], num_warps=[4, 8], k_group=[None]),
     ("rademacher", "reconstruct"): dict(tile=[2048, 4096, 8192], num_warps=[1, 2, 4], k_group=[None]),
-    ("rademacher", "project"): dict(tile=[2048, 4096], num_warps=[1, 2, 4], k_group=[4, 8, 16]),
+    # lane_per_call False: the word hand-over every aligned tensor used until project.LANE_PER_CALL
+    ("rademacher", "project"): dict(tile=[2048, 4096], num_warps=[1, 2, 4], k_group=[4, 8, 16],
+                                    lane_per_call=[True, False]),
     ("rademacher", "generate"): dict(tile=[4096, 8192], num_warps=[1, 2], k_group=[None]),
 }
 # Bases per timing: enough work per call (~5-10 ms at the modelled rates) to drown launch cost.
 K_OF = {"gaussian": 32, "rademacher": 512}
 
 
-def set_shape(dist: str, op: str, tile: int, num_warps: int, k_group: int | None) -> None:
+def set_shape(dist: str, op: str, tile: int, num_warps: int, k_group: int | None,
+              lane_per_call: bool | None = None) -> None:
     """Point the launchers at a shape (the module tables are read at every call)."""
     shape = _launch.TileShape(tile, num_warps)
     if op == "project":
         project.SHAPES[dist] = shape
         project.K_GROUP = k_group
+        if lane_per_call is not None:
+            project.LANE_PER_CALL = lane_per_call
     else:
         _launch.SHAPES[dist] = shape
 
@@ -50,7 +55,8 @@ def main():
     p.add_argument("--d", type=int, default=(1 << 27) + 4)
     p.add_argument("--json")
     args = p.parse_args()
-    shipped = {"launch": dict(_launch.SHAPES), "project": dict(project.SHAPES), "k_group": project.K_GROUP}
+    shipped = {"launch": dict(_launch.SHAPES), "project": dict(project.SHAPES), "k_group": project.K_GROUP,
+               "lane_per_call": project.LANE_PER_CALL}
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(args.d, device="cuda", generator=g).to(torch.bfloat16)
     rows = []
@@ -64,9 +70,12 @@ def main():
             fk.reconstruct_(reference, gamma, 5, distribution=dist, backend="triton")
         elif op == "project":
             reference = fk.project(x, 5, K, distribution=dist, backend="triton")
-        for tile, warps, k_group in itertools.product(grid["tile"], grid["num_warps"], grid["k_group"]):
-            set_shape(dist, op, tile, warps, k_group)
+        for tile, warps, k_group, lane in itertools.product(grid["tile"], grid["num_warps"], grid["k_group"],
+                                                             grid.get("lane_per_call", [None])):
+            set_shape(dist, op, tile, warps, k_group, lane)
             row = dict(dist=dist, op=op, tile=tile, num_warps=warps, k_group=k_group, d=args.d, K=K)
+            if lane is not None:
+                row["lane_per_call"] = lane
             try:
                 if op == "reconstruct":
                     out.copy_(x)
@@ -90,15 +99,17 @@ def main():
         project.SHAPES.clear()
         project.SHAPES.update(shipped["project"])
         project.K_GROUP = shipped["k_group"]
-    print("\n| dist | op | tile | warps | k_group | ms | G elements x bases / s | check |")
-    print("|---|---|---|---|---|---|---|---|")
+        project.LANE_PER_CALL = shipped["lane_per_call"]
+    print("\n| dist | op | tile | warps | k_group | lane per call | ms | G elements x bases / s | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         check = r.get("error") or (f"same bits: {r['same_bits']}" if "same_bits" in r else
                                    f"rel diff {r['rel_diff']:.1e}" if "rel_diff" in r else "")
         rate = f"{r['rate'] / 1e9:,.0f}" if "rate" in r else ""
         ms = f"{r['ms']:.3f}" if "ms" in r else ""
-        print(f"| {r['dist']} | {r['op']} | {r['tile']} | {r['num_warps']} | {r['k_group'] or ''} | {ms} | {rate} | "
-              f"{check} |")
+        lane = {True: "yes", False: "no"}.get(r.get("lane_per_call"), "")
+        print(f"| {r['dist']} | {r['op']} | {r['tile']} | {r['num_warps']} | {r['k_group'] or ''} | {lane} | {ms} | "
+              f"{rate} | {check} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), rows=rows), f, indent=1)

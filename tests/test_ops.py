@@ -37,13 +37,17 @@ def test_basis_bitwise(backend_device, dist, offset):
 @pytest.mark.parametrize("d", SIZES)
 @pytest.mark.parametrize("K", [1, 9])
 def test_project_matches_float64(backend_device, dist, d, K):
+    """Each gamma_k within 1e-5 of sum_j |v_kj x_j| of the float64 projection: the float32
+    error scales with that sum, not with gamma_k, which cancellation can bring near zero
+    (with K = 1 a norm-relative check failed on about one draw in a few hundred)."""
     backend, device = backend_device
-    x = torch.randn(d, dtype=torch.float64)
-    ref = dense_basis(5, K, d, distribution=dist) @ x
+    x = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(d * 16 + K))
+    basis = dense_basis(5, K, d, distribution=dist)
     got = fk.project(x.float().to(device), 5, K, distribution=dist, backend=backend)
     assert got.dtype == torch.float32 and got.shape == (K,)
-    assert rel_err(got, dense_basis(5, K, d, distribution=dist) @ x.float().double()) <= 1e-5
-    assert rel_err(got, ref) <= 1e-5
+    scale = basis.abs() @ x.abs()
+    for ref in (basis @ x.float().double(), basis @ x):
+        assert bool(((got.double().cpu() - ref).abs() <= 1e-5 * scale).all()), (got, ref, scale)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

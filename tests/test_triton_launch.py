@@ -60,6 +60,7 @@ def test_the_audit_covers_every_dtype_distribution_and_alignment():
     for op in ("project", "reconstruct"):
         for dtype in ("float32", "bfloat16", "float16"):
             assert {f"{op} {dtype} gaussian", f"{op} {dtype} gaussian aligned", f"{op} {dtype} rademacher"} <= labels
+        assert f"project {dtype} rademacher aligned" in labels
     assert {"sum_runs", "basis gaussian", "basis rademacher", "generate_sum gaussian", "generate_sum rademacher"} <= labels
 
 
@@ -117,6 +118,31 @@ def test_aligned_and_unaligned_groups_write_the_same_bits(dist):
     fk.reconstruct_blocks_(a, sizes, counts, gamma, 2**63 + 1, distribution=dist, backend="triton")
     fk.reconstruct_blocks_(b, sizes, counts, gamma, 2**63 + 1, distribution=dist, backend="torch")
     assert_bitwise(a, b)
+
+
+@pytest.mark.parametrize("lane_per_call", [True, False])
+def test_rademacher_project_aligned_and_unaligned_groups_match_float64(monkeypatch, lane_per_call):
+    """Rademacher project keeps one Philox call per lane on aligned segments and hands words
+    over on the others (on every segment without LANE_PER_CALL, as the tuner compares):
+    both give the float64 projection, over several tiles, a partial tile, a block that
+    spans two tensors (a segment starting at j0 = 3000) and odd blocks."""
+    from helpers import dense_basis
+
+    monkeypatch.setattr(project, "LANE_PER_CALL", lane_per_call)
+    xs = [torch.randn(3000, dtype=torch.float64), torch.randn(3165, dtype=torch.float64)]
+    sizes, counts = [4100, 8, 2052, 5], [17, 3, 9, 2]
+    views = layout.flat_views([x.float() for x in xs], "x")
+    lay = layout.BlockLayout.build(sizes, counts)
+    launches, _ = project.prepare(views, functional._cut(lay, views), lay, 7, "rademacher")
+    assert {launch.constexprs.get("ALIGNED") for launch in launches if launch.kernel is project._project_kernel} \
+        == ({False, True} if lane_per_call else {False})
+    got = fk.project_blocks([x.float() for x in xs], sizes, counts, 7, distribution="rademacher", backend="triton")
+    flat, start, want = torch.cat([x.float().double() for x in xs]), 0, []
+    for b, (s, c) in enumerate(zip(sizes, counts, strict=True)):
+        want.append(dense_basis(7, c, s, block=b, distribution="rademacher") @ flat[start:start + s])
+        start += s
+    want = torch.cat(want)
+    assert float((got.double() - want).norm() / want.norm()) <= 1e-6
 
 
 # ----------------------------------------------------------------------------------

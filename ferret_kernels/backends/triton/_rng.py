@@ -181,6 +181,19 @@ def signed_by_bit(x, word, bit):
 
 
 @triton.jit
+def signed_by_lane_bit(x, word, bit, CALLS_FIRST: tl.constexpr):
+    """x where bit ``bit`` of ``word`` is clear, -x where it is set, for an x tile of
+    ``_tile.lane_tile`` ((8, 4, calls), or (calls, 4, 8) when CALLS_FIRST): ``word`` holds
+    one Philox word per call, ``bit`` the bit positions 4q + r in x's shape with the calls'
+    axis of size 1. Each lane computes the Philox call of its own elements."""
+    if CALLS_FIRST:
+        flip = ((word[:, None, None] >> bit) & 1) != 0
+    else:
+        flip = ((word[None, None, :] >> bit) & 1) != 0
+    return tl.where(flip, -x, x)
+
+
+@triton.jit
 def round_float32_to(x, DTYPE: tl.constexpr):
     """float32 ``x`` rounded to nearest-even in ``DTYPE``, the same on GPU and interpreter.
 

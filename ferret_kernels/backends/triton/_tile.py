@@ -55,6 +55,29 @@ def bit_tile(tile_ptr, lo, hi, word, CALLS: tl.constexpr):
 
 
 @triton.jit
+def lane_tile(tile_ptr, lo, hi, word, CALLS: tl.constexpr, CALLS_FIRST: tl.constexpr):
+    """Pointers and mask of the Rademacher elements 128c + 32 word + 4q + r of an aligned
+    segment (see tile_span), for a consumer that keeps one call per lane
+    (``_rng.signed_by_lane_bit``): shape (8, 4, CALLS) indexed [q, r, c], or (CALLS, 4, 8)
+    indexed [c, r, q] when CALLS_FIRST.
+
+    The mask is constant over r and the tile pointer aligned to 4 elements, so r is one
+    128-bit vector; Triton then spreads the lanes over the next axis in its order, and
+    q and c tie (neither is contiguous). Triton 3.6 breaks the tie towards the leading axis,
+    later versions towards the trailing one: the calls go where the running version puts
+    the lanes, so each lane loads its own call's 32 elements of the word in 8 vectors and
+    no Philox word has to cross lanes.
+    """
+    if CALLS_FIRST:
+        start = ((tl.arange(0, CALLS) * 128)[:, None, None] + (tl.arange(0, 8) * 4)[None, None, :]) + 32 * word
+    else:
+        start = ((tl.arange(0, 8) * 4)[:, None, None] + (tl.arange(0, CALLS) * 128)[None, None, :]) + 32 * word
+    inside = (start >= lo) & (start < hi)
+    return tile_ptr + start + tl.arange(0, 4)[None, :, None], tl.broadcast_to(inside, [start.shape[0], 4,
+                                                                                       start.shape[2]])
+
+
+@triton.jit
 def join4(z0, z1, z2, z3):
     """(calls, 4) tile with column q = z_q: element 4c + q in call order."""
     return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), [z0.shape[0], 4])

@@ -34,8 +34,8 @@ from ._launch import (
     seed_words,
     segment_columns,
 )
-from ._rng import gaussian4, hand_over, rademacher_words, signed_by_bit, uint32_key
-from ._tile import bit_tile, call_tile, split4, tile_span
+from ._rng import gaussian4, hand_over, rademacher_words, signed_by_bit, signed_by_lane_bit, uint32_key
+from ._tile import bit_tile, call_tile, lane_tile, split4, tile_span
 
 # Measured on an H100 (triton 3.6, benchmarks/tune_triton.py, benchmarks/RESULTS.md):
 # 16 bases per work item reuse each loaded x tile twice as often as 8 (+3-12%), and a
@@ -45,6 +45,14 @@ from ._tile import bit_tile, call_tile, split4, tile_span
 K_GROUP = 16
 SHAPES = {"gaussian": _launch.TileShape(2048, num_warps=4),
           "rademacher": _launch.TileShape(2048, num_warps=1)}
+# Rademacher project on aligned segments keeps one Philox call per lane (_tile.lane_tile)
+# instead of handing every basis's words to the lanes that hold x (the unaligned path):
+# in the compiled sm_90 loop that drops the per-basis shared-memory exchange and its
+# barriers and 14% of the instructions (benchmarks/RESULTS.md; not yet timed on a GPU, so
+# benchmarks/tune_triton.py times both). The calls' axis must be the one Triton gives the
+# lanes, which triton 3.6 chooses leading and 3.7 on trailing (read off the layouts).
+LANE_PER_CALL = True
+CALLS_FIRST = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 7)
 # Rows of partial sums summed per step of the second kernel, and its warps.
 SUM_ROWS = 64
 SUM_WARPS = 4
@@ -59,7 +67,8 @@ def _load_f32(ptrs_mask):
 
 @triton.jit(do_not_specialize=["call_ptr", "seg_ptr", "partial_ptr", "rows_at", "n_rows", "seeds_at", "blocks_at"])
 def _project_kernel(call_ptr, seg_ptr, anchor_ptr, partial_ptr, rows_at, n_rows, seeds_at, blocks_at,
-                    ALIGNED: tl.constexpr, DIST: tl.constexpr, TILE: tl.constexpr, K_GROUP: tl.constexpr):
+                    ALIGNED: tl.constexpr, DIST: tl.constexpr, TILE: tl.constexpr, K_GROUP: tl.constexpr,
+                    CALLS_FIRST: tl.constexpr):
     item = tl.program_id(0).to(tl.int64)
     r = find_row(call_ptr + rows_at + 2, ROW, n_rows, item)
     row = call_ptr + rows_at + r * ROW
@@ -83,6 +92,22 @@ def _project_kernel(call_ptr, seg_ptr, anchor_ptr, partial_ptr, rows_at, n_rows,
         for i in range(0, kc):
             z0, z1, z2, z3 = gaussian4(call, (k_start + i).to(tl.uint32), block, key0, key1)
             tl.store(out + i, tl.sum(((z0 * x0 + z1 * x1) + z2 * x2) + z3 * x3))
+    elif ALIGNED:
+        call = tile_j // 128 + tl.arange(0, TILE // 128)
+        if CALLS_FIRST:
+            bit = tl.arange(0, 4)[None, :, None] + (tl.arange(0, 8) * 4)[None, None, :]
+        else:
+            bit = (tl.arange(0, 8) * 4)[:, None, None] + tl.arange(0, 4)[None, :, None]
+        x0 = _load_f32(lane_tile(tile_ptr, lo, hi, 0, TILE // 128, CALLS_FIRST))
+        x1 = _load_f32(lane_tile(tile_ptr, lo, hi, 1, TILE // 128, CALLS_FIRST))
+        x2 = _load_f32(lane_tile(tile_ptr, lo, hi, 2, TILE // 128, CALLS_FIRST))
+        x3 = _load_f32(lane_tile(tile_ptr, lo, hi, 3, TILE // 128, CALLS_FIRST))
+        for i in range(0, kc):
+            w0, w1, w2, w3 = rademacher_words(call, (k_start + i).to(tl.uint32), block, key0, key1)
+            signed = signed_by_lane_bit(x0, w0, bit, CALLS_FIRST) + signed_by_lane_bit(x1, w1, bit, CALLS_FIRST)
+            signed = (signed + signed_by_lane_bit(x2, w2, bit, CALLS_FIRST)) + signed_by_lane_bit(x3, w3, bit,
+                                                                                                  CALLS_FIRST)
+            tl.store(out + i, tl.sum(signed))
     else:
         call = tile_j // 128 + tl.arange(0, TILE // 128)
         bit = tl.arange(0, 32)
@@ -121,7 +146,7 @@ def prepare(views: list[torch.Tensor], cut: SegmentTable, layout: BlockLayout, s
     device = views[0].device if device is None else device
     shape = SHAPES[distribution]
     cols = segment_columns(cut, len(layout.sizes), shape.tile, device)
-    groups, offsets = launch_groups(views, cols, distribution == "gaussian", device)
+    groups, offsets = launch_groups(views, cols, distribution == "gaussian" or LANE_PER_CALL, device)
     counts = np.asarray(layout.counts, dtype=np.int64)
     n_groups = (counts + K_GROUP - 1) // K_GROUP
     block_rows = n_groups * cols.block_items  # partial rows per block
@@ -152,7 +177,8 @@ def prepare(views: list[torch.Tensor], cut: SegmentTable, layout: BlockLayout, s
         Launch(_project_kernel, (n_items,),
                (table, cols.device_table, anchor(DTYPES[code // 2], device), partial, rows_at, n_rows, seeds_at,
                 blocks_at),
-               dict(ALIGNED=bool(code % 2), DIST=DIST_CODE[distribution], TILE=shape.tile, K_GROUP=K_GROUP),
+               dict(ALIGNED=bool(code % 2), DIST=DIST_CODE[distribution], TILE=shape.tile, K_GROUP=K_GROUP,
+                    CALLS_FIRST=CALLS_FIRST),
                shape.num_warps)
         for code, rows_at, n_rows, n_items in work
     ]
