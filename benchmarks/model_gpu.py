@@ -37,8 +37,11 @@ GPUS = {
     "H100 SXM": dict(arch=90, sms=132, ghz=1.98, rates=dict(fmaheavy=0.5, fp32=1.0, alu=0.5, xu=0.125, lsu=0.25)),
     "A100 SXM": dict(arch=80, sms=108, ghz=1.41, rates=dict(fmaheavy=0.5, fp32=0.5, alu=0.5, xu=0.125, lsu=0.25)),
 }
+# Rademacher project's aligned variant is the one a model's tensors take (project.LANE_PER_CALL);
+# the unaligned one stays for comparison.
 KERNELS = ("reconstruct bfloat16 gaussian aligned", "project bfloat16 gaussian aligned", "generate_sum gaussian",
-           "reconstruct bfloat16 rademacher", "project bfloat16 rademacher", "generate_sum rademacher")
+           "reconstruct bfloat16 rademacher", "project bfloat16 rademacher aligned", "project bfloat16 rademacher",
+           "generate_sum rademacher")
 # open_llama_3b, K = 7800 by the norm rule on an update of equal per-element size
 # (benchmarks/bench_launch.py prints the layout): sum_l d_l K_l.
 OPEN_LLAMA_3B_ELEMENT_BASES = 169_920_851_200
