@@ -301,12 +301,9 @@ def mean_loss(model, batches: Iterable[dict]) -> float:
     total, tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
     for b in batches:
-        labels = b["labels"].to(device)
-        total += float(response_loss(model, b["input_ids"].to(device), b["attention_mask"].to(device), labels,
-                                     reduction="sum"))
-        tokens += int((labels[:, 1:] != -100).sum())
+        total += float(response_loss(model, b["input_ids"], b["attention_mask"], b["labels"], reduction="sum"))
+        tokens += int((b["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(tokens, 1)
 

@@ -138,21 +138,26 @@ def response_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
                   reduction: str = "mean") -> torch.Tensor:
     """Shifted next-token cross-entropy of a causal LM over the labelled tokens (label -100: not scored).
 
-    input_ids, attention_mask, labels: int [B, T] on the model's device. Returns a float32 scalar:
-    the mean over scored tokens (``reduction="mean"``, NaN when none is scored, as transformers'
-    ``.loss``) or their sum (``"sum"``). The LM head runs only at positions some row scores
-    (transformers' ``logits_to_keep``; an instruction example scores its response, about a tenth of
-    its tokens on NI), which is the same loss without the head's cost on prompt tokens. A model
+    input_ids, attention_mask, labels: int [B, T] on any device (moved to the model's; the
+    scored positions are found where ``labels`` lives, so CPU labels cost a CUDA model no
+    synchronisation). Returns a float32 scalar on the model's device: the mean over scored
+    tokens (``reduction="mean"``, NaN when none is scored, as transformers' ``.loss``) or their
+    sum (``"sum"``). The LM head runs only at positions some row scores (transformers'
+    ``logits_to_keep``; an instruction example scores its response, about a tenth of its
+    tokens on NI), which is the same loss without the head's cost on prompt tokens. A model
     whose forward does not take ``logits_to_keep`` (or ignores it) gets the full logits.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum'; got {reduction!r}")
+    device = next(model.parameters()).device
     target = labels[:, 1:]
     positions = torch.nonzero((target != -100).any(0)).flatten()
+    target = target[:, positions].to(device)
+    positions = positions.to(device)
     kwargs = {"logits_to_keep": positions} if _takes_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs).logits
     if logits.shape[1] == input_ids.shape[1]:
         logits = logits[:, positions]
-    logits, target = logits.float(), target[:, positions]
+    logits = logits.float()
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                                              ignore_index=-100, reduction=reduction)

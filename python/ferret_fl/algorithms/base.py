@@ -232,9 +232,7 @@ def seeded_torch(seed: int, device: torch.device | str = "cpu") -> Iterator[None
 
 
 def micro_batch_loss(model, batch: dict) -> torch.Tensor:
-    device = next(model.parameters()).device
-    return response_loss(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                         batch["labels"].to(device))
+    return response_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 def local_sgd(model, params: list[torch.nn.Parameter], steps: Sequence[Sequence[dict]], *, optimizer: str, lr: float,
