@@ -408,7 +408,7 @@ def quality_figure(panels: Mapping[str, Mapping[str, QualityCurve]], title: str 
             ax.set_ylabel(ylabel)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(title or f"mean over seeds with {confidence:.0%} CI bands")
+    fig.suptitle(title or f"mean over seeds with {confidence:.0%} CIs over seeds")
     fig.tight_layout()
     return fig
 
