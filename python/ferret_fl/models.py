@@ -7,6 +7,7 @@ id or local directory, or a path ending in ``.gguf``.
 
 from __future__ import annotations
 
+import functools
 import glob
 import importlib.util
 import inspect
@@ -128,8 +129,14 @@ def load_causal_lm(name: str = EMBEDDED_DEFAULT, dtype="float32", device="cpu", 
 def _takes_logits_to_keep(model) -> bool:
     # PEFT's wrapper forwards **kwargs to the model it wraps; its own signature does not list them.
     inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return _forward_takes_logits_to_keep(type(inner))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    # Asked once per micro-batch: the class's forward decides, so its signature is read once.
     try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+        return "logits_to_keep" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False
 
